@@ -1,0 +1,189 @@
+"""The CloudTrail Lake integration-event schema, checked the strict way.
+
+One implementation serves both sides: the emulator uses it to answer like the service, and the
+sink uses it to dead-letter an event that can never succeed before wasting an API call on it.
+
+Contract (``check_event_text`` applies the steps in this order and reports the first problem):
+
+1. ``eventDataChecksum`` when given must equal base64(sha256(UTF-8 bytes of eventData)):
+   otherwise ``InvalidChecksum``.
+2. ``eventData`` must be JSON text (no NaN/Infinity) holding an object: otherwise ``InvalidData``.
+3. Every required field must be present and not null: otherwise ``FieldNotFound``
+   (``version``, ``userIdentity``, ``userIdentity.type``, ``userIdentity.principalId``,
+   ``eventSource``, ``eventName``, ``eventTime``, ``UID``, ``recipientAccountId``).
+4. Types: strings must be strings, objects objects; unknown top-level fields are refused
+   (strict reading): otherwise ``InvalidData``.
+5. Limits, measured in UTF-8 **bytes** (strict reading of "length"): string fields per
+   ``STRING_LIMITS``; ``requestParameters`` and ``responseElements`` at most 100,000 bytes and
+   ``additionalEventData`` at most 28,000 bytes of compact JSON (strict reading of "kB"):
+   otherwise ``FieldTooLong``.
+6. ``eventTime`` must be ``YYYY-MM-DDTHH:MM:SSZ`` naming a real UTC instant; ``sourceIPAddress``
+   an IPv4 or IPv6 address: otherwise ``InvalidData``.
+7. ``recipientAccountId`` must equal the channel's account: otherwise ``InvalidRecipient``.
+
+Messages name the field and the limit, never the value: they end up in logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+REQUIRED_TOP = ("version", "userIdentity", "eventSource", "eventName", "eventTime", "UID",
+                "recipientAccountId")
+REQUIRED_IDENTITY = ("type", "principalId")
+
+STRING_LIMITS = {
+    "version": 256,
+    "userAgent": 1024,
+    "eventSource": 1024,
+    "eventName": 1024,
+    "UID": 1024,
+    "errorCode": 256,
+    "errorMessage": 256,
+    "recipientAccountId": 12,
+    "eventTime": 20,
+    "sourceIPAddress": 45,
+}
+IDENTITY_STRING_LIMITS = {"type": 128, "principalId": 1024}
+OBJECT_LIMITS = {
+    "requestParameters": 100_000,
+    "responseElements": 100_000,
+    "additionalEventData": 28_000,
+}
+KNOWN_TOP = frozenset(STRING_LIMITS) | frozenset(OBJECT_LIMITS) | {"userIdentity"}
+KNOWN_IDENTITY = frozenset(IDENTITY_STRING_LIMITS) | {"details"}
+
+EVENT_TIME_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
+ACCOUNT_RE = re.compile(r"\A\d{12}\Z")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why an event cannot be accepted: a per-event error code of the service and a message."""
+
+    code: str
+    message: str
+
+
+def checksum(event_data_text: str) -> str:
+    """``eventDataChecksum`` for an ``eventData`` string: base64 of its raw SHA-256 digest."""
+    return base64.b64encode(hashlib.sha256(event_data_text.encode("utf-8")).digest()).decode()
+
+
+def dumps(event_data: Any) -> str:
+    """The compact JSON text the sink sends as ``eventData`` (and measures sizes with)."""
+    return json.dumps(event_data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_event_text(text: Any, account_id: str | None, event_checksum: str | None = None
+                     ) -> Problem | None:
+    """Check ``eventData`` as sent on the wire (a string) the way the service does."""
+    if not isinstance(text, str):
+        return Problem("InvalidData", "eventData must be a string holding a JSON object")
+    if event_checksum is not None and event_checksum != checksum(text):
+        return Problem("InvalidChecksum",
+                       "eventDataChecksum does not match the SHA-256 of eventData")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return Problem("InvalidData", "eventData is not valid JSON")
+    return check_event(data, account_id)
+
+
+def check_event(data: Any, account_id: str | None) -> Problem | None:
+    """Check a decoded ``eventData`` object; ``account_id`` None skips the recipient check."""
+    if not isinstance(data, dict):
+        return Problem("InvalidData", "eventData must be a JSON object")
+    for name in REQUIRED_TOP:
+        if data.get(name) is None:
+            return Problem("FieldNotFound", f"required field {name} is missing")
+    identity = data["userIdentity"]
+    if not isinstance(identity, dict):
+        return Problem("InvalidData", "userIdentity must be an object")
+    for name in REQUIRED_IDENTITY:
+        if identity.get(name) is None:
+            return Problem("FieldNotFound", f"required field userIdentity.{name} is missing")
+
+    for name in data:
+        if name not in KNOWN_TOP:
+            return Problem("InvalidData", f"unknown field {name!r} (not in the integration schema)")
+    for name in identity:
+        if name not in KNOWN_IDENTITY:
+            return Problem("InvalidData", f"unknown field 'userIdentity.{name}'")
+
+    problem = _check_strings(data, STRING_LIMITS, "")
+    if problem is None:
+        problem = _check_strings(identity, IDENTITY_STRING_LIMITS, "userIdentity.")
+    if problem is not None:
+        return problem
+    details = identity.get("details")
+    if details is not None and not isinstance(details, dict):
+        return Problem("InvalidData", "userIdentity.details must be an object")
+
+    for name, limit in OBJECT_LIMITS.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            return Problem("InvalidData", f"{name} must be an object")
+        size = len(dumps(value).encode("utf-8"))
+        if size > limit:
+            return Problem("FieldTooLong", f"{name} is {size} bytes; the limit is {limit}")
+
+    if not valid_event_time(data["eventTime"]):
+        return Problem("InvalidData", "eventTime must be YYYY-MM-DDTHH:MM:SSZ (UTC)")
+    source_ip = data.get("sourceIPAddress")
+    if source_ip is not None and not valid_ip(source_ip):
+        return Problem("InvalidData", "sourceIPAddress must be an IPv4 or IPv6 address")
+    if not ACCOUNT_RE.match(data["recipientAccountId"]):
+        return Problem("InvalidRecipient", "recipientAccountId must be a 12-digit account id")
+    if account_id is not None and data["recipientAccountId"] != account_id:
+        return Problem("InvalidRecipient",
+                       "recipientAccountId is not the account that owns the channel")
+    return None
+
+
+def _check_strings(obj: dict, limits: dict[str, int], prefix: str) -> Problem | None:
+    for name, limit in limits.items():
+        value = obj.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return Problem("InvalidData", f"{prefix}{name} must be a string")
+        if name in ("eventTime", "sourceIPAddress", "recipientAccountId"):
+            continue  # format-checked below; a length message would only confuse
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            return Problem("FieldTooLong", f"{prefix}{name} is {size} bytes; the limit is {limit}")
+    return None
+
+
+def valid_event_time(value: Any) -> bool:
+    if not isinstance(value, str) or not EVENT_TIME_RE.match(value):
+        return False
+    try:
+        _dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return False
+    return True
+
+
+def valid_ip(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
