@@ -1,0 +1,172 @@
+"""``cloudtrail-sink spool write|stats``: fill a spool from JSON lines; show what waits in it.
+
+``spool write --spool-dir D [FILE|-]`` reads one JSON object per line: either an ``eventData``
+object, or a wrapper ``{"eventData": {...}, "tag": "...", "time": <float>, "id": "..."}``. Events
+are published as sealed segments exactly as the Lua writer does (writer kind ``cli``). A line
+that is not a JSON object is reported on stderr as ``FILE:LINE: reason`` and skipped; every
+valid line is still written, and the exit code is 1 when any line was skipped. On a terminal a
+progress line is drawn on stderr.
+
+``spool stats --spool-dir D [--json]`` counts segments and bytes per folder and the age of the
+oldest ready segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .. import spool
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("spool", help="write events into a spool; show its contents")
+    sub = parser.add_subparsers(dest="spool_command", metavar="SUBCOMMAND")
+    parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
+
+    w = sub.add_parser("write", help="publish JSON-lines events as sealed segments")
+    _spool_dir(w)
+    w.add_argument("file", nargs="?", default="-", metavar="FILE|-",
+                   help="JSON lines to read (default: standard input)")
+    w.add_argument("--tag", default="cli", help="tag for events without one (default: cli)")
+    w.add_argument("--max-events", type=int, default=500,
+                   help="events per segment (default: 500, as the Lua writer)")
+    w.add_argument("--max-bytes", type=int, default=1 << 20,
+                   help="bytes per segment (default: 1 MiB, as the Lua writer)")
+    w.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync each segment before publishing it (faster benchmarks)")
+    w.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress line on stderr (auto: when stderr is a terminal)")
+    w.set_defaults(func=cmd_write)
+
+    s = sub.add_parser("stats", help="count segments and bytes per spool folder")
+    _spool_dir(s)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_stats)
+
+
+def _spool_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spool-dir", default=os.environ.get("CLOUDTRAIL_SPOOL_DIR"),
+                        required="CLOUDTRAIL_SPOOL_DIR" not in os.environ,
+                        help="spool root [CLOUDTRAIL_SPOOL_DIR]")
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total_bytes: int | None):
+        self.enabled = enabled
+        self.total = total_bytes
+        self.last = 0.0
+
+    def update(self, events: int, done_bytes: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.last < 0.2:
+            return
+        self.last = now
+        pct = f" {100.0 * done_bytes / self.total:5.1f}%" if self.total else ""
+        sys.stderr.write(f"\rspool write: {events} events{pct}")
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    name = "<stdin>" if args.file == "-" else args.file
+    try:
+        stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    except OSError as exc:
+        print(f"cloudtrail-sink spool write: cannot read {name}: {exc.strerror}", file=sys.stderr)
+        return 2
+    total = None
+    if args.file != "-":
+        try:
+            total = os.fstat(stream.fileno()).st_size
+        except OSError:
+            total = None
+    show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    progress = _Progress(show, total)
+    bad = 0
+    done = 0
+    try:
+        with spool.SpoolWriter(args.spool_dir, kind="cli", max_events=args.max_events,
+                               max_bytes=args.max_bytes, fsync=not args.no_fsync) as writer:
+            for lineno, raw in enumerate(stream, 1):
+                done += len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except ValueError as exc:
+                    bad += 1
+                    print(f"{name}:{lineno}: not JSON ({exc.msg})", file=sys.stderr)
+                    continue
+                if not isinstance(obj, dict):
+                    bad += 1
+                    print(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
+                          file=sys.stderr)
+                    continue
+                if isinstance(obj.get("eventData"), dict):
+                    tag, when, eid = obj.get("tag", args.tag), obj.get("time"), obj.get("id")
+                    if when is not None and not isinstance(when, (int, float)):
+                        bad += 1
+                        print(f"{name}:{lineno}: field time must be a number", file=sys.stderr)
+                        continue
+                    writer.write(obj["eventData"], tag=tag if isinstance(tag, str) else args.tag,
+                                 time=when, id=eid if isinstance(eid, str) else None)
+                else:
+                    writer.write(obj, tag=args.tag)
+                progress.update(writer.events_written, done)
+            progress.update(writer.events_written, done, final=True)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    print(f"spool write: {writer.events_written} events in {len(writer.sealed)} segments"
+          + (f", {bad} lines skipped" if bad else ""), file=sys.stderr)
+    return 1 if bad else 0
+
+
+def stats(root: str, now: float | None = None) -> dict:
+    lay = spool.layout(root)
+    out: dict = {"spool": lay.root}
+    for folder in spool.FOLDERS:
+        count = size = 0
+        oldest = None
+        try:
+            with os.scandir(os.path.join(lay.root, folder)) as it:
+                for entry in it:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    count += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+                    parsed = spool.parse_ready_name(entry.name) if folder == "ready" else None
+                    if parsed and (oldest is None or parsed[0] < oldest):
+                        oldest = parsed[0]
+        except FileNotFoundError:
+            pass
+        out[folder] = {"files": count, "bytes": size}
+        if folder == "ready":
+            now = time.time() if now is None else now
+            out[folder]["oldest_age_seconds"] = (round(now - oldest / 1e6, 3)
+                                                 if oldest is not None else None)
+    return out
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.spool_dir):
+        print(f"cloudtrail-sink spool stats: {args.spool_dir} is not a directory", file=sys.stderr)
+        return 2
+    result = stats(args.spool_dir)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for folder in spool.FOLDERS:
+        info = result[folder]
+        line = f"{folder + '/':12} {info['files']:>8} files {info['bytes']:>14} bytes"
+        if folder == "ready" and info.get("oldest_age_seconds") is not None:
+            line += f"  oldest {info['oldest_age_seconds']:.1f}s"
+        print(line)
+    return 0

@@ -1,0 +1,141 @@
+"""One spooled record turned into one PutAuditEvents entry, or into a reason it can never be one.
+
+- :func:`event_id` derives the service ``id`` (docs/spool.md, "The service's event id"): the
+  record's valid ``id``, else a valid ``UID``, else ``"u" + sha256(UID)[:64]``, else
+  ``"d" + sha256(canonical JSON of eventData)[:64]``. Never random: a re-sent event keeps its id.
+- :func:`prepare` fills ``version`` ("1.0") and ``recipientAccountId`` (the channel's account)
+  when absent, without changing anything else.
+- :func:`build` runs the whole pre-send path for one record: shape check (``MalformedRecord``),
+  ``prepare``, ``schema.check_event`` (the same checks as the emulator, so an event that can never
+  succeed is dead-lettered before any API call), ``schema.dumps`` and ``schema.checksum``, and the
+  exact number of bytes the entry adds to botocore's serialized request body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from json.encoder import encode_basestring_ascii
+from typing import Any
+
+from . import schema
+
+ID_RE = re.compile(r"\A[-_A-Za-z0-9]{1,128}\Z")
+DEFAULT_VERSION = "1.0"
+
+# botocore's rest-json body is json.dumps(body) with the default separators (", ", ": ") and
+# ASCII escaping: {"auditEvents": [E, E, ...]} with E = {"id": "..", "eventData": "..",
+# "eventDataChecksum": ".."}.
+REQUEST_OVERHEAD = len('{"auditEvents": []}')
+ENTRY_SEPARATOR = len(", ")
+_ENTRY_KEYS = len('{"id": , "eventData": , "eventDataChecksum": }')
+
+
+def event_id(record: Any) -> str:
+    """The service event id of a spool record (a map holding ``eventData``)."""
+    if isinstance(record, dict):
+        rid = record.get("id")
+        if isinstance(rid, str) and ID_RE.match(rid):
+            return rid
+        data = record.get("eventData")
+    else:
+        data = None
+    uid = data.get("UID") if isinstance(data, dict) else None
+    if isinstance(uid, str):
+        if ID_RE.match(uid):
+            return uid
+        return "u" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:64]
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           default=repr)
+    return "d" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:64]
+
+
+def prepare(event_data: dict, account_id: str | None) -> dict:
+    """Return ``event_data`` with ``version`` and ``recipientAccountId`` filled when absent."""
+    if event_data.get("version") is None or (
+            account_id and event_data.get("recipientAccountId") is None):
+        event_data = dict(event_data)
+        if event_data.get("version") is None:
+            event_data["version"] = DEFAULT_VERSION
+        if account_id and event_data.get("recipientAccountId") is None:
+            event_data["recipientAccountId"] = account_id
+    return event_data
+
+
+def dumps(event_data: Any) -> str:
+    return schema.dumps(event_data)
+
+
+def checksum(text: str) -> str:
+    return schema.checksum(text)
+
+
+def entry_size(eid: str, text: str, check: str) -> int:
+    """Bytes one entry takes in botocore's request body (without the separator)."""
+    return (_ENTRY_KEYS + len(encode_basestring_ascii(eid)) + len(encode_basestring_ascii(text))
+            + len(check) + 2)
+
+
+def request_size(sizes: list[int]) -> int:
+    """Bytes of the whole request body for entries of the given sizes."""
+    if not sizes:
+        return REQUEST_OVERHEAD
+    return REQUEST_OVERHEAD + sum(sizes) + ENTRY_SEPARATOR * (len(sizes) - 1)
+
+
+class Prepared:
+    """A record ready to be sent: its id, wire text, checksum and entry size."""
+
+    __slots__ = ("id", "text", "checksum", "size")
+
+    def __init__(self, id: str, text: str, checksum: str, size: int):
+        self.id = id
+        self.text = text
+        self.checksum = checksum
+        self.size = size
+
+    def entry(self) -> dict:
+        return {"id": self.id, "eventData": self.text, "eventDataChecksum": self.checksum}
+
+
+class Rejected:
+    """A record that can never be delivered: code, message (starting ``sink:``), its data."""
+
+    __slots__ = ("id", "code", "message", "event_data")
+
+    def __init__(self, id: str, code: str, message: str, event_data: Any):
+        self.id = id
+        self.code = code
+        self.message = message
+        self.event_data = event_data
+
+
+def build(record: Any, account_id: str | None, max_entry_bytes: int | None = None
+          ) -> Prepared | Rejected:
+    """Run the pre-send path for one decoded spool record."""
+    eid = event_id(record)
+    if not isinstance(record, dict) or not isinstance(record.get("eventData"), dict):
+        what = type(record).__name__ if not isinstance(record, dict) else "a map without an eventData map"
+        return Rejected(eid, "MalformedRecord", f"sink: segment entry is {what}, not an event map",
+                        record.get("eventData") if isinstance(record, dict) else record)
+    data = prepare(record["eventData"], account_id)
+    try:
+        problem = schema.check_event(data, account_id)
+    except (TypeError, ValueError, RecursionError) as exc:
+        # e.g. msgpack bin or NaN inside an object field: JSON cannot carry it.
+        problem = schema.Problem("InvalidData", "eventData holds a value JSON cannot carry "
+                                 f"({type(exc).__name__})")
+    if problem is not None:
+        return Rejected(eid, problem.code, "sink: " + problem.message, data)
+    try:
+        text = schema.dumps(data)
+    except (TypeError, ValueError) as exc:
+        return Rejected(eid, "InvalidData", f"sink: eventData holds a value JSON cannot carry "
+                        f"({type(exc).__name__})", data)
+    check = schema.checksum(text)
+    size = entry_size(eid, text, check)
+    if max_entry_bytes is not None and request_size([size]) > max_entry_bytes:
+        return Rejected(eid, "FieldTooLong", f"sink: event takes {size} bytes on the wire; a "
+                        f"request may carry at most {max_entry_bytes}", data)
+    return Prepared(eid, text, check, size)

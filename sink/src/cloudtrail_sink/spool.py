@@ -1,0 +1,262 @@
+"""The spool on disk: layout, segment names, the segment writer and the safe segment reader.
+
+This module is the Python side of ``docs/spool.md`` and follows it exactly:
+
+- ``ensure_layout(root)`` creates ``tmp/ ready/ failed/ rejected/ quarantine/`` (mode 0750) when
+  missing and returns a :class:`Layout` with their paths.
+- Names: ``tmp/<writer>-<seq>.open`` while written, ``ready/<sealed_us:016d>-<writer>-<seq:010d>.seg``
+  once sealed; ``writer`` is ``<kind>_<pid>_<6 random [a-z0-9]>``. Byte order of ready names is
+  sealing order.
+- :class:`SpoolWriter` appends msgpack maps ``{"eventData", "tag", "time"[, "id"]}`` to a ``tmp/``
+  file, seals it (fsync, close, rename into ``ready/``) when it holds ``max_events`` events or
+  reaches ``max_bytes``, and on ``seal()``/``close()``. The clock and the random source are
+  injected so names are deterministic in tests.
+- :func:`open_segment` opens with ``O_NOFOLLOW | O_NONBLOCK`` and refuses anything ``fstat`` does
+  not call a regular file (:class:`NotRegularFile`), so a spool writer cannot make the sink read a
+  file it links to. :func:`read_records` streams the records with a bounded buffer and reports the
+  offset of the first undecodable byte instead of raising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import stat
+import time as _time
+from typing import Any, BinaryIO, Callable, Iterator
+
+import msgpack
+
+FOLDERS = ("tmp", "ready", "failed", "rejected", "quarantine")
+LOCK_NAME = "sink.lock"
+DIR_MODE = 0o750
+
+WRITER_RE = re.compile(r"\A[A-Za-z0-9_]{1,64}\Z")
+READY_RE = re.compile(r"\A(\d{16})-([A-Za-z0-9_]{1,64})-(\d{10})\.seg\Z")
+TMP_RE = re.compile(r"\A([A-Za-z0-9_]{1,64})-(\d{10})\.open\Z")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+# A single record larger than this is treated as undecodable (it could never fit one request
+# anyway); it bounds the reader's memory whatever a writer puts in a segment.
+MAX_RECORD_BYTES = 16 << 20
+READ_CHUNK = 256 << 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: str
+    tmp: str
+    ready: str
+    failed: str
+    rejected: str
+    quarantine: str
+    lock: str
+
+
+def layout(root: str | os.PathLike) -> Layout:
+    root = os.fspath(root)
+    return Layout(root, *(os.path.join(root, f) for f in FOLDERS), os.path.join(root, LOCK_NAME))
+
+
+def ensure_layout(root: str | os.PathLike) -> Layout:
+    """Create the spool folders that are missing (mode 0750) and return their paths."""
+    lay = layout(root)
+    os.makedirs(lay.root, mode=DIR_MODE, exist_ok=True)
+    for folder in FOLDERS:
+        os.makedirs(os.path.join(lay.root, folder), mode=DIR_MODE, exist_ok=True)
+    return lay
+
+
+def writer_name(kind: str, rand: random.Random | None = None, pid: int | None = None) -> str:
+    rand = rand or random.Random()
+    suffix = "".join(rand.choice(_ALPHABET) for _ in range(6))
+    name = f"{kind}_{os.getpid() if pid is None else pid}_{suffix}"
+    if not WRITER_RE.match(name):
+        raise ValueError(f"invalid writer name {name!r}: kind must be [A-Za-z0-9_]")
+    return name
+
+
+def tmp_name(writer: str, seq: int) -> str:
+    return f"{writer}-{seq:010d}.open"
+
+
+def ready_name(sealed_us: int, writer: str, seq: int, suffix: str = ".seg") -> str:
+    return f"{sealed_us:016d}-{writer}-{seq:010d}{suffix}"
+
+
+def parse_ready_name(name: str) -> tuple[int, str, int] | None:
+    """``(sealed_us, writer, seq)`` of a ``ready/`` segment name, or None if it is not one."""
+    m = READY_RE.match(name)
+    if not m:
+        return None
+    return int(m.group(1)), m.group(2), int(m.group(3))
+
+
+def parse_tmp_name(name: str) -> tuple[str, int] | None:
+    m = TMP_RE.match(name)
+    if not m:
+        return None
+    return m.group(1), int(m.group(2))
+
+
+def publish(lay: Layout, tmp_path: str, writer: str, seq: int, clock: Callable[[], float],
+            folder: str | None = None, suffix: str = ".seg") -> str:
+    """Rename a finished tmp file into ``ready/`` (or ``folder``) under a fresh sealing name."""
+    sealed_us = int(clock() * 1_000_000)
+    dest = os.path.join(folder or lay.ready, ready_name(sealed_us, writer, seq, suffix))
+    os.rename(tmp_path, dest)
+    return dest
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolWriter:
+    """Writes events into sealed segments, exactly like the Lua writer (see module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, kind: str = "cli", max_events: int = 500,
+                 max_bytes: int = 1 << 20, clock: Callable[[], float] = _time.time,
+                 rand: random.Random | None = None, fsync: bool = True):
+        self.layout = ensure_layout(root)
+        self.kind = kind
+        self.max_events = max(1, int(max_events))
+        self.max_bytes = max(1, int(max_bytes))
+        self.clock = clock
+        self.writer = writer_name(kind, rand if rand is not None else random.Random())
+        self.fsync = fsync
+        self.seq = 0
+        self.sealed: list[str] = []
+        self.events_written = 0
+        self._file: BinaryIO | None = None
+        self._path: str | None = None
+        self._count = 0
+        self._bytes = 0
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def write(self, event_data: dict, tag: str = "cli", time: float | None = None,
+              id: str | None = None) -> None:
+        """Append one event; seals the segment when it reached a threshold."""
+        if not isinstance(event_data, dict):
+            raise TypeError("eventData must be a map")
+        record: dict[str, Any] = {"eventData": event_data, "tag": str(tag),
+                                  "time": float(self.clock() if time is None else time)}
+        if id is not None:
+            record["id"] = str(id)
+        data = self._packer.pack(record)
+        if self._file is None:
+            self.seq += 1
+            self._path = os.path.join(self.layout.tmp, tmp_name(self.writer, self.seq))
+            self._file = open(self._path, "xb")
+            self._count = 0
+            self._bytes = 0
+        self._file.write(data)
+        self._count += 1
+        self._bytes += len(data)
+        self.events_written += 1
+        if self._count >= self.max_events or self._bytes >= self.max_bytes:
+            self.seal()
+
+    def seal(self) -> str | None:
+        """Publish the open segment into ``ready/``; returns its path (None when nothing open)."""
+        if self._file is None:
+            return None
+        f, path = self._file, self._path
+        self._file = self._path = None
+        try:
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        finally:
+            f.close()
+        dest = publish(self.layout, path, self.writer, self.seq, self.clock)
+        self.sealed.append(dest)
+        return dest
+
+    def close(self) -> None:
+        self.seal()
+
+    def __enter__(self) -> "SpoolWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class NotRegularFile(OSError):
+    """The path is a symlink, FIFO, device or folder: it is never read."""
+
+
+def open_segment(path: str) -> BinaryIO:
+    """Open a segment for reading without following symlinks; only regular files pass."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == getattr(__import__("errno"), "ELOOP"):
+            raise NotRegularFile(exc.errno, "is a symbolic link", path) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(0, "is not a regular file", path)
+        # Reads must block normally on a regular file; O_NONBLOCK only protected the open of a FIFO.
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@dataclasses.dataclass
+class DecodeError:
+    """Bytes from ``offset`` on cannot be decoded (``size`` is the file's size)."""
+
+    offset: int
+    size: int
+    error: str
+
+
+def read_records(f: BinaryIO) -> Iterator[tuple[int, Any] | DecodeError]:
+    """Yield ``(offset, record)`` for each msgpack value, then a :class:`DecodeError` if the
+    segment has undecodable or truncated bytes at the end (nothing is raised for bad data)."""
+    unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace",
+                                max_buffer_size=MAX_RECORD_BYTES, strict_map_key=False)
+    size = 0
+    offset = 0
+    while True:
+        chunk = f.read(READ_CHUNK)
+        if chunk:
+            size += len(chunk)
+            try:
+                unpacker.feed(chunk)
+            except msgpack.BufferFull:
+                yield DecodeError(offset, _rest_size(f, size), "record larger than "
+                                  f"{MAX_RECORD_BYTES} bytes")
+                return
+        try:
+            for obj in unpacker:
+                yield offset, obj
+                offset = unpacker.tell()
+        except msgpack.BufferFull:
+            yield DecodeError(offset, _rest_size(f, size), f"record larger than {MAX_RECORD_BYTES} bytes")
+            return
+        except Exception as exc:  # FormatError, StackError, ExtraData, ValueError, ...
+            yield DecodeError(offset, _rest_size(f, size), f"{type(exc).__name__}: {exc}")
+            return
+        if not chunk:
+            break
+    if offset < size:
+        yield DecodeError(offset, size, "truncated record at end of segment")
+
+
+def _rest_size(f: BinaryIO, size_so_far: int) -> int:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except OSError:
+        return size_so_far
