@@ -89,16 +89,35 @@ def _reject_constant(name: str) -> Any:
 def check_event_text(text: Any, account_id: str | None, event_checksum: str | None = None
                      ) -> Problem | None:
     """Check ``eventData`` as sent on the wire (a string) the way the service does."""
+    return parse_event_text(text, account_id, event_checksum)[1]
+
+
+def parse_event_text(text: Any, account_id: str | None, event_checksum: str | None = None
+                     ) -> tuple[Any, Problem | None]:
+    """``check_event_text`` that also returns the decoded object (None when undecodable)."""
     if not isinstance(text, str):
-        return Problem("InvalidData", "eventData must be a string holding a JSON object")
+        return None, Problem("InvalidData", "eventData must be a string holding a JSON object")
+    if not _encodable(text):
+        return None, Problem("InvalidData", "eventData holds a lone UTF-16 surrogate")
     if event_checksum is not None and event_checksum != checksum(text):
-        return Problem("InvalidChecksum",
-                       "eventDataChecksum does not match the SHA-256 of eventData")
+        return None, Problem("InvalidChecksum",
+                             "eventDataChecksum does not match the SHA-256 of eventData")
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
-        return Problem("InvalidData", "eventData is not valid JSON")
-    return check_event(data, account_id)
+        return None, Problem("InvalidData", "eventData is not valid JSON")
+    # A \uD800-style escape decodes to a lone surrogate, which no UTF-8 store can hold.
+    if "\\u" in text and not _encodable(dumps(data)):
+        return None, Problem("InvalidData", "eventData holds a lone UTF-16 surrogate")
+    return data, check_event(data, account_id)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_event(data: Any, account_id: str | None) -> Problem | None:

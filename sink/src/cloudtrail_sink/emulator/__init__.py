@@ -1,0 +1,13 @@
+"""A local, strict CloudTrail Data endpoint (``PutAuditEvents``) for users and tests.
+
+``Emulator`` serves the wire format botocore speaks, checks requests and events the way the
+service does (the strict reading where public sources leave a choice open, see
+``docs/emulator.md``), stores accepted events in SQLite wrapped like CloudTrail Lake, and exposes
+them at ``/_emulator/events`` and on a live page at ``/``. ``Faults`` injects throttling, 5xx
+answers, per-event failures and latency, deterministically for a given seed.
+"""
+
+from .faults import Faults
+from .server import Emulator
+
+__all__ = ["Emulator", "Faults"]
