@@ -2,7 +2,8 @@
 
 Table ``events``: ``seq`` (increasing integer, the paging cursor), ``event_id`` (the service's
 ``eventID``), ``channel_arn``, ``uid`` (``eventData.UID``, for queries), ``body`` (the wrapped
-event as JSON text). Re-sent events are stored again, as the service does.
+event as JSON text) and ``event_data`` (a virtual column: ``eventData`` alone as JSON text, for
+ad-hoc SQL). Re-sent events are stored again, as the service does.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: one writer connection (a lock
 serialises writers; each request's events go in one transaction) and one reader connection, so
@@ -23,7 +24,9 @@ CREATE TABLE IF NOT EXISTS events (
     event_id TEXT NOT NULL,
     channel_arn TEXT NOT NULL,
     uid TEXT,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    -- computed on read, not stored: eventData alone, for ad-hoc SQL (sqlite3 FILE)
+    event_data TEXT GENERATED ALWAYS AS (json_extract(body, '$.eventData')) VIRTUAL
 );
 """
 MAX_PAGE = 10_000
