@@ -133,7 +133,10 @@ def build(record: Any, account_id: str | None, max_entry_bytes: int | None = Non
     except (TypeError, ValueError) as exc:
         return Rejected(eid, "InvalidData", f"sink: eventData holds a value JSON cannot carry "
                         f"({type(exc).__name__})", data)
-    check = schema.checksum(text)
+    try:
+        check = schema.checksum(text)
+    except UnicodeEncodeError:
+        return Rejected(eid, "InvalidData", "sink: eventData holds a lone UTF-16 surrogate", data)
     size = entry_size(eid, text, check)
     if max_entry_bytes is not None and request_size([size]) > max_entry_bytes:
         return Rejected(eid, "FieldTooLong", f"sink: event takes {size} bytes on the wire; a "

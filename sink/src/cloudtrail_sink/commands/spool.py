@@ -109,16 +109,12 @@ def cmd_write(args: argparse.Namespace) -> int:
                     print(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
                           file=sys.stderr)
                     continue
-                if isinstance(obj.get("eventData"), dict):
-                    tag, when, eid = obj.get("tag", args.tag), obj.get("time"), obj.get("id")
-                    if when is not None and not isinstance(when, (int, float)):
-                        bad += 1
-                        print(f"{name}:{lineno}: field time must be a number", file=sys.stderr)
-                        continue
-                    writer.write(obj["eventData"], tag=tag if isinstance(tag, str) else args.tag,
-                                 time=when, id=eid if isinstance(eid, str) else None)
-                else:
-                    writer.write(obj, tag=args.tag)
+                try:
+                    _write_line(writer, obj, args.tag)
+                except (ValueError, TypeError, UnicodeEncodeError) as exc:
+                    bad += 1
+                    print(f"{name}:{lineno}: {exc}", file=sys.stderr)
+                    continue
                 progress.update(writer.events_written, done)
             progress.update(writer.events_written, done, final=True)
     finally:
@@ -127,6 +123,20 @@ def cmd_write(args: argparse.Namespace) -> int:
     print(f"spool write: {writer.events_written} events in {len(writer.sealed)} segments"
           + (f", {bad} lines skipped" if bad else ""), file=sys.stderr)
     return 1 if bad else 0
+
+
+def _write_line(writer: spool.SpoolWriter, obj: dict, default_tag: str) -> None:
+    if not isinstance(obj.get("eventData"), dict):
+        writer.write(obj, tag=default_tag)
+        return
+    tag, when, eid = obj.get("tag", default_tag), obj.get("time"), obj.get("id")
+    if when is not None and (isinstance(when, bool) or not isinstance(when, (int, float))):
+        raise ValueError("field time must be a number")
+    if not isinstance(tag, str):
+        raise ValueError("field tag must be a string")
+    if eid is not None and not isinstance(eid, str):
+        raise ValueError("field id must be a string")
+    writer.write(obj["eventData"], tag=tag, time=when, id=eid)
 
 
 def stats(root: str, now: float | None = None) -> dict:

@@ -1,0 +1,167 @@
+"""Groups prepared events from any number of segments into PutAuditEvents requests.
+
+Contract of :meth:`Batcher.take` (called by each sender worker, blocks until it has a batch):
+
+- A batch holds at most ``max_events`` events and its serialized request body
+  (:func:`events.request_size`) is at most ``max_bytes``.
+- No two events in a batch share an ``id``: an event whose id and ``eventData`` text equal one
+  already in the batch rides along as an *alias* (sent once, settled together); an event with the
+  same id but different data waits for a later batch.
+- A batch is handed out when full, or when its oldest event waited ``linger`` seconds, or at once
+  when ``flush()`` was requested (drain, shutdown). Events whose retry time came are taken first.
+- Re-formed batches (``requeue_batch``, used after a split) are handed out before anything else.
+- ``close()`` makes every waiting ``take`` return None.
+
+Time is injected (``clock``); ``take`` waits on a condition, never polls.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import threading
+import time
+from typing import Callable
+
+from . import events
+
+
+class Item:
+    """One event on its way: where it came from, what to send, how often it was tried."""
+
+    __slots__ = ("seg", "p", "tag", "time", "attempts", "aliases", "since")
+
+    def __init__(self, seg, p: events.Prepared, tag, time_, since: float = 0.0):
+        self.seg = seg
+        self.p = p
+        self.tag = tag
+        self.time = time_
+        self.attempts = 0
+        self.aliases: list[Item] | None = None
+        self.since = since
+
+    def all(self) -> list["Item"]:
+        return [self] + self.aliases if self.aliases else [self]
+
+
+class Batcher:
+    def __init__(self, max_events: int = 100, max_bytes: int = 999_000, linger: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.linger = linger
+        self.clock = clock
+        self._pending: collections.deque[Item] = collections.deque()
+        self._pending_bytes = 0
+        self._retry: list[tuple[float, int, Item]] = []
+        self._batches: collections.deque[list[Item]] = collections.deque()
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._flush = False
+
+    # -- input ----------------------------------------------------------------------------------
+    def add(self, item: Item) -> None:
+        with self._cond:
+            item.since = self.clock()
+            was_empty = not self._pending
+            self._pending.append(item)
+            self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
+            if was_empty or self._full_locked():
+                self._cond.notify()
+
+    def retry(self, items: list[Item], delay: float) -> None:
+        """Send these again, each after ``delay`` seconds."""
+        with self._cond:
+            due = self.clock() + delay
+            for item in items:
+                heapq.heappush(self._retry, (due, next(self._seq), item))
+            self._cond.notify()
+
+    def requeue_batch(self, items: list[Item]) -> None:
+        with self._cond:
+            self._batches.append(items)
+            self._cond.notify()
+
+    def flush(self, on: bool = True) -> None:
+        """While on, hand out partial batches without waiting for the linger."""
+        with self._cond:
+            self._flush = on
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def count(self) -> int:
+        with self._cond:
+            return len(self._pending) + len(self._retry) + sum(len(b) for b in self._batches)
+
+    # -- output ---------------------------------------------------------------------------------
+    def _full_locked(self) -> bool:
+        return (len(self._pending) >= self.max_events
+                or events.REQUEST_OVERHEAD + self._pending_bytes > self.max_bytes)
+
+    def take(self, timeout: float | None = None) -> list[Item] | None:
+        """Block until a batch is due and return it; None when closed (or on timeout)."""
+        with self._cond:
+            give_up = None if timeout is None else self.clock() + timeout
+            while not self._closed:
+                now = self.clock()
+                while self._retry and self._retry[0][0] <= now:
+                    item = heapq.heappop(self._retry)[2]
+                    item.since = now - self.linger  # a retry is due now, not after a new linger
+                    self._pending.appendleft(item)
+                    self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
+                if self._batches:
+                    return self._batches.popleft()
+                if self._pending and (self._flush or self._full_locked()
+                                      or self._pending[0].since + self.linger <= now):
+                    batch = self._form_locked()
+                    if self._pending:
+                        self._cond.notify()  # more may be due for another worker
+                    return batch
+                wake = []
+                if self._pending:
+                    wake.append(self._pending[0].since + self.linger)
+                if self._retry:
+                    wake.append(self._retry[0][0])
+                if give_up is not None:
+                    if now >= give_up:
+                        return None
+                    wake.append(give_up)
+                self._cond.wait(max(0.0, min(wake) - now) if wake else None)
+            return None
+
+    def _form_locked(self) -> list[Item]:
+        batch: list[Item] = []
+        by_id: dict[str, Item] = {}
+        size = events.REQUEST_OVERHEAD
+        held: list[Item] = []
+        pending = self._pending
+        while pending and len(batch) < self.max_events:
+            item = pending.popleft()
+            self._pending_bytes -= item.p.size + events.ENTRY_SEPARATOR
+            first = by_id.get(item.p.id)
+            if first is not None:
+                if first.p.text == item.p.text:
+                    if first.aliases is None:
+                        first.aliases = []
+                    first.aliases.append(item)
+                    continue
+                held.append(item)  # same id, different data: never in the same request
+                continue
+            add = item.p.size + (events.ENTRY_SEPARATOR if batch else 0)
+            if batch and size + add > self.max_bytes:
+                pending.appendleft(item)
+                self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
+                break
+            batch.append(item)
+            by_id[item.p.id] = item
+            size += add
+        for item in reversed(held):
+            pending.appendleft(item)
+            self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
+        return batch

@@ -1,0 +1,495 @@
+"""The running sink: wires spool, watcher, batcher, sender, ledger and dead letters together.
+
+Threads: one reader (segments oldest first -> records -> pre-send check -> batcher), ``max_in_flight``
+sender workers (batcher -> PutAuditEvents -> ledger/dead letters/retries), the watcher's
+observer and rescan thread, the HTTP status server. The calling thread owns the lifecycle.
+
+Guarantees (the product's promise):
+
+- At least once: a segment is deleted only after every one of its events is finalized: accepted
+  by the service, or written to ``failed/`` with its code and message (per-event permanent codes,
+  the pre-send schema check, ``MalformedRecord``). A crash at any moment re-sends, never loses.
+- Only what failed is re-sent: per-event ``Throttling``/``InternalFailure`` events go back alone,
+  after a full-jitter backoff; the rest of their request is settled.
+- Request-level throttling, 5xx and network errors are retried without limit (full jitter,
+  capped); configuration and permission errors pause all delivery with a capped, doubling pause
+  and an error log line each time; nothing is deleted meanwhile.
+- Memory is bounded by ``pending_limit`` events read but not finalized, whatever the backlog.
+- Shutdown (SIGTERM/SIGINT or :meth:`request_stop`): stop reading, let in-flight requests finish
+  within ``grace_seconds``, settle their results, exit 0. Unsettled segments stay for next time.
+- ``sink.lock`` (flock) keeps a second sink off the same spool: :class:`LockHeld` names the
+  holder's pid. ``--dry-run`` takes no lock and changes nothing on disk.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, TextIO
+
+from . import events, spool
+from .backoff import FullJitter, Pause
+from .batcher import Batcher, Item
+from .config import SinkConfig, parse_listen
+from .deadletter import DeadLetters, failure_line
+from .ledger import Ledger, Segment
+from .metrics import Metrics
+from .sender import RETRYABLE_EVENT_CODES, RequestFailed, Result, Sender, make_client
+from .watcher import SegmentQueue, Watcher
+
+log = logging.getLogger("cloudtrail_sink.runner")
+
+REJECTED_FLUSH = 500
+
+
+class LockHeld(RuntimeError):
+    pass
+
+
+def acquire_lock(lay: spool.Layout) -> int:
+    fd = os.open(lay.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        try:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise LockHeld(f"spool {lay.root} is in use by another sink (pid {holder}); "
+                       f"one sink per spool") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class DryRunSender:
+    """Prints each request it would send as one JSON line; reports every event as accepted."""
+
+    def __init__(self, channel_arn: str | None, external_id: str | None, out: TextIO):
+        self.channel_arn = channel_arn
+        self.external_id = external_id
+        self.out = out
+        self._lock = threading.Lock()
+
+    def send(self, entries: list[dict]) -> Result:
+        line = {"channelArn": self.channel_arn, "auditEvents": entries}
+        if self.external_id:
+            line["externalId"] = self.external_id
+        text = json.dumps(line, ensure_ascii=False)
+        with self._lock:
+            self.out.write(text + "\n")
+            self.out.flush()
+        return Result({e["id"] for e in entries}, [])
+
+
+class Runner:
+    def __init__(self, cfg: SinkConfig, client: Any = None, sender: Any = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 rand: random.Random | None = None, out: TextIO | None = None):
+        self.cfg = cfg
+        self.clock = clock
+        self.monotonic = monotonic
+        self.rand = rand or random.Random()
+        self.layout = spool.ensure_layout(cfg.spool_dir)
+        self.metrics = Metrics()
+        self.queue = SegmentQueue(self.layout, on_ignored=self._on_ignored,
+                                  stale_tmp_seconds=cfg.stale_tmp_seconds, clock=clock)
+        self.watcher = Watcher(self.queue, poll=cfg.poll, poll_seconds=cfg.poll_seconds,
+                               rescan_seconds=cfg.rescan_seconds)
+        self.ledger = Ledger(self._segment_complete, clock=monotonic)
+        self.batcher = Batcher(cfg.max_batch_events, cfg.max_request_bytes, cfg.linger_ms / 1000.0,
+                               clock=monotonic)
+        self.dead = DeadLetters(self.layout, clock=clock, rand=self.rand)
+        self.jitter = FullJitter(base=0.1, cap=cfg.max_backoff_seconds, rand=self.rand)
+        self.pause = Pause(base=1.0, cap=cfg.max_pause_seconds, clock=monotonic, rand=self.rand)
+        self.account_id = cfg.account_id
+        if sender is not None:
+            self.sender = sender
+        elif cfg.dry_run:
+            self.sender = DryRunSender(cfg.channel_arn, cfg.external_id, out or sys.stdout)
+        else:
+            self.sender = Sender(client or make_client(
+                cfg.effective_region, cfg.endpoint_url, cfg.role_arn, cfg.retry_mode,
+                cfg.max_attempts, cfg.max_in_flight), cfg.channel_arn, cfg.external_id)
+        self.metrics.bind_backlog(
+            segments=lambda: self.queue.known(), size=lambda: self.queue.bytes,
+            age=self._oldest_age, pending=lambda: self.ledger.pending,
+            paused=lambda: 1 if self.pause.paused else 0)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock_fd: int | None = None
+        self.http = None
+        self.last_success: float | None = None
+        self.started = monotonic()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        if not cfg.dry_run:
+            self._lock_fd = acquire_lock(self.layout)
+        try:
+            if cfg.listen and not cfg.dry_run:
+                from .httpserver import StatusServer
+                host, port = parse_listen(cfg.listen)
+                self.http = StatusServer(host, port, self.metrics.registry, self.health, self.ready)
+                self.http.start()
+            if cfg.dry_run:
+                self.queue.scan()
+            else:
+                self.watcher.start()
+            self._spawn(self._reader, "sink-reader")
+            for i in range(cfg.max_in_flight):
+                self._spawn(self._worker, f"sink-sender-{i}")
+        except BaseException:
+            self.stop()
+            raise
+        log.info("sink started", extra={
+            "spool": self.layout.root, "channel": cfg.channel_arn, "region": cfg.effective_region,
+            "endpoint": cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_CLOUDTRAIL_DATA"),
+            "segments": self.queue.known(), "mode": "poll" if cfg.poll else "inotify",
+            "dry_run": cfg.dry_run, "listen": f"{self.http.host}:{self.http.port}" if self.http else None})
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start, wait for a signal (or for the drain to finish), stop. Returns the exit code."""
+        installed = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                installed.append((sig, signal.signal(sig, lambda *_: self.request_stop())))
+        try:
+            self.start()
+            drain = self.cfg.drain or self.cfg.dry_run
+            while not self._stop.is_set():
+                if drain and self.drained():
+                    log.info("drained: nothing left to deliver")
+                    break
+                self._stop.wait(0.1 if drain else None)
+        finally:
+            self.stop()
+            for sig, previous in installed:
+                signal.signal(sig, previous)
+        return 0
+
+    def drained(self) -> bool:
+        def empty() -> bool:
+            return self.queue.known() == 0 and self.ledger.idle() and self.batcher.count() == 0
+        if not empty():
+            return False
+        if self.cfg.dry_run:
+            return True
+        self.queue.scan()  # a segment whose inotify event is still on its way
+        return empty()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.close()
+        self.batcher.close()
+        deadline = self.monotonic() + self.cfg.grace_seconds
+        for t in self._threads:
+            t.join(max(0.0, deadline - self.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("grace period over with requests still in flight; their segments stay "
+                        "and are sent again on the next start", extra={"threads": alive})
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self.watcher.stop()
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("sink stopped", extra={"pending_events": self.ledger.pending})
+
+    # -- health ---------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict]:
+        now = self.monotonic()
+        dead = [t.name for t in self._threads if not t.is_alive()] if not self._stop.is_set() else []
+        stalled = now - self.ledger.last_progress if self.ledger.pending else 0.0
+        stuck = (self.ledger.pending > 0 and not self.pause.paused
+                 and stalled > self.cfg.stuck_seconds)
+        info = {"status": "ok" if not dead and not stuck else "unhealthy",
+                "dead_threads": dead, "pending_events": self.ledger.pending,
+                "seconds_since_progress": round(stalled, 1)}
+        return not dead and not stuck, info
+
+    def ready(self) -> tuple[bool, dict]:
+        now = self.monotonic()
+        idle = self.ledger.pending == 0 and self.queue.known() == 0
+        recent = self.last_success is not None and now - self.last_success < 60
+        paused = self.pause.paused
+        ok = not paused and (idle or recent)
+        info = {"status": "ready" if ok else "not ready", "paused": paused,
+                "pause_reason": self.pause.reason, "idle": idle,
+                "backlog_segments": self.queue.known(), "pending_events": self.ledger.pending,
+                "seconds_since_success": None if self.last_success is None
+                else round(now - self.last_success, 1)}
+        return ok, info
+
+    def _oldest_age(self) -> float:
+        oldest = self.queue.oldest_sealed_us()
+        return 0.0 if oldest is None else max(0.0, self.clock() - oldest / 1e6)
+
+    # -- reading --------------------------------------------------------------------------------
+    def _on_ignored(self, name: str, why: str) -> None:
+        self.metrics.ignored.inc()
+        log.warning("ignoring a file in ready/", extra={"file": name, "reason": why})
+
+    def _reader(self) -> None:
+        while not self._stop.is_set():
+            name = self.queue.pop()
+            if name is None:
+                return
+            try:
+                self._read_segment(name)
+            except Exception:
+                log.exception("reading a segment failed; it stays in ready/",
+                              extra={"segment": name})
+
+    def _read_segment(self, name: str) -> None:
+        path = os.path.join(self.layout.ready, name)
+        try:
+            f = spool.open_segment(path)
+        except FileNotFoundError:
+            self.queue.done(name)
+            return
+        except spool.NotRegularFile as exc:
+            # Stays "known" so it is never offered again; reported once.
+            self._on_ignored(name, exc.strerror or "not a regular file")
+            return
+        except OSError as exc:
+            log.error("cannot open segment; will try again at the next rescan",
+                      extra={"segment": name, "error": exc.strerror})
+            self.queue.done(name)
+            return
+        seg = self.ledger.open(name, path)
+        rejected: list[tuple[str, str, str, Any, Any, Any]] = []
+        records = 0
+        limit = self.cfg.pending_limit
+        account = self.account_id
+        max_bytes = self.cfg.max_request_bytes
+        with f:
+            for entry in spool.read_records(f):
+                if isinstance(entry, spool.DecodeError):
+                    self._quarantine(f, name, entry, records)
+                    break
+                record = entry[1]
+                records += 1
+                if self.ledger.pending >= limit and not self.ledger.wait_for_room(
+                        limit, self._stop.is_set):
+                    self.ledger.abandon(seg)
+                    return
+                if self._stop.is_set():
+                    self.ledger.abandon(seg)
+                    return
+                built = events.build(record, account, max_bytes)
+                self.ledger.add(seg)
+                if isinstance(record, dict):
+                    tag, when = record.get("tag"), record.get("time")
+                else:
+                    tag = when = None
+                if isinstance(built, events.Prepared):
+                    self.batcher.add(Item(seg, built, tag, when))
+                else:
+                    rejected.append((built.id, built.code, built.message, built.event_data, tag, when))
+                    if len(rejected) >= REJECTED_FLUSH:
+                        self._reject(seg, rejected)
+                        rejected = []
+        if rejected:
+            self._reject(seg, rejected)
+        self.ledger.read_done(seg)
+
+    def _reject(self, seg: Segment, rejected: list) -> None:
+        """Dead-letter events the pre-send check refused (no API call spent on them)."""
+        now = self.clock()
+        lines = [failure_line(code=code, message=msg, segment=seg.name, tag=tag, time_=when,
+                              id=eid, event_data=data, failed_at=now)
+                 for eid, code, msg, data, tag, when in rejected]
+        while True:
+            try:
+                path = self._write_dead(lines)
+                break
+            except OSError as exc:
+                log.error("cannot write failed/ file; retrying", extra={"error": exc.strerror})
+                if self._stop.wait(self.jitter.delay(5)):
+                    self.ledger.abandon(seg)
+                    raise
+        counts = collections.Counter(r[1] for r in rejected)
+        for code, n in counts.items():
+            self.metrics.failed.labels(code).inc(n)
+        log.info("events refused by the pre-send check went to failed/", extra={
+            "segment": seg.name, "file": path and os.path.basename(path), "codes": dict(counts)})
+        self.ledger.finalize(seg, len(rejected))
+
+    def _write_dead(self, lines: list[dict]) -> str | None:
+        if self.cfg.dry_run:
+            for line in lines:
+                sys.stderr.write(json.dumps({"wouldFail": line["errorCode"], "id": line["id"],
+                                             "errorMessage": line["errorMessage"],
+                                             "segment": line["segment"]}) + "\n")
+            return None
+        return self.dead.write(lines)
+
+    def _quarantine(self, f, name: str, err: spool.DecodeError, records: int) -> None:
+        self.metrics.quarantined.inc()
+        log.error("segment has undecodable bytes; the rest goes to quarantine/", extra={
+            "segment": name, "offset": err.offset, "size": err.size, "error": err.error,
+            "records_before": records})
+        if self.cfg.dry_run:
+            return
+        self.dead.quarantine(f, name, err.offset, err.size, err.error, records)
+
+    def _segment_complete(self, seg: Segment) -> None:
+        if not self.cfg.dry_run:
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("cannot delete a delivered segment", extra={
+                    "segment": seg.name, "error": exc.strerror})
+                return
+            self.metrics.deleted.inc()
+            log.debug("segment delivered and deleted", extra={"segment": seg.name,
+                                                              "events": seg.records})
+        self.queue.done(seg.name)
+
+    # -- sending --------------------------------------------------------------------------------
+    def _wait_pause(self) -> bool:
+        while True:
+            remaining = self.pause.remaining()
+            if remaining <= 0:
+                return not self._stop.is_set()
+            if self._stop.wait(remaining):
+                return False
+
+    def _worker(self) -> None:
+        while self._wait_pause():
+            batch = self.batcher.take()
+            if batch is None:
+                return
+            if not self._wait_pause():
+                return
+            try:
+                self._send(batch)
+            except Exception:
+                log.exception("unexpected error handling a request; its events will be re-sent")
+                self.batcher.retry(batch, self.jitter.delay(3))
+
+    def _send(self, batch: list[Item]) -> None:
+        entries = [it.p.entry() for it in batch]
+        started = self.monotonic()
+        try:
+            result = self.sender.send(entries)
+        except RequestFailed as exc:
+            self.metrics.latency.observe(self.monotonic() - started)
+            self._request_failed(batch, exc)
+            return
+        self.metrics.latency.observe(self.monotonic() - started)
+        self.metrics.batch.observe(len(batch))
+        self.last_success = self.monotonic()
+        if self.pause.paused:
+            log.warning("delivery resumed", extra={"after": self.pause.reason})
+            self.pause.succeed()
+        failed = {fid: (code, msg) for fid, code, msg in result.failed}
+        self.metrics.requests.labels("partial" if failed else "success").inc()
+        delivered: collections.Counter = collections.Counter()
+        n_delivered = 0
+        dead: list[tuple[Item, str, str]] = []
+        for it in batch:
+            problem = failed.get(it.p.id)
+            if problem is None and it.p.id in result.successful:
+                for x in it.all():
+                    delivered[x.seg] += 1
+                n_delivered += 1 + (len(it.aliases) if it.aliases else 0)
+            elif problem is None or problem[0] in RETRYABLE_EVENT_CODES:
+                code = problem[0] if problem else "NotAcknowledged"
+                it.attempts += 1
+                self.metrics.retried.labels(code).inc()
+                self.batcher.retry([it], self.jitter.delay(it.attempts - 1))
+            else:
+                dead.append((it, problem[0], problem[1]))
+        if dead:
+            self._dead_letter(dead)
+        for seg, n in delivered.items():
+            self.ledger.finalize(seg, n)
+        if n_delivered:
+            self.metrics.delivered.inc(n_delivered)
+
+    def _dead_letter(self, dead: list[tuple[Item, str, str]]) -> None:
+        now = self.clock()
+        lines = []
+        for it, code, msg in dead:
+            for x in it.all():
+                lines.append(failure_line(code=code, message=msg, segment=x.seg.name, tag=x.tag,
+                                          time_=x.time, id=x.p.id,
+                                          event_data=json.loads(x.p.text), failed_at=now))
+        try:
+            path = self._write_dead(lines)
+        except OSError as exc:
+            log.error("cannot write failed/ file; those events will be sent again",
+                      extra={"error": exc.strerror})
+            for it, _, _ in dead:
+                it.attempts += 1
+                self.batcher.retry([it], self.jitter.delay(it.attempts))
+            return
+        counts = collections.Counter(line["errorCode"] for line in lines)
+        for code, n in counts.items():
+            self.metrics.failed.labels(code).inc(n)
+        log.warning("events rejected by the service went to failed/", extra={
+            "file": path and os.path.basename(path), "codes": dict(counts)})
+        per_seg: collections.Counter = collections.Counter()
+        for it, _, _ in dead:
+            for x in it.all():
+                per_seg[x.seg] += 1
+        for seg, n in per_seg.items():
+            self.ledger.finalize(seg, n)
+
+    def _request_failed(self, batch: list[Item], exc: RequestFailed) -> None:
+        self.metrics.requests.labels(exc.kind).inc()
+        if exc.kind == "retry":
+            attempt = max(it.attempts for it in batch)
+            for it in batch:
+                it.attempts += 1
+            delay = self.jitter.delay(attempt)
+            log.log(logging.INFO if attempt < 3 else logging.WARNING,
+                    "request failed; retrying", extra={"code": exc.code, "status": exc.status,
+                                                       "events": len(batch), "attempt": attempt + 1,
+                                                       "retry_in_seconds": round(delay, 3)})
+            self.batcher.retry(batch, delay)
+        elif exc.kind == "split" and len(batch) > 1:
+            half = len(batch) // 2
+            log.warning("request refused as invalid; splitting it to find the event at fault",
+                        extra={"code": exc.code, "events": len(batch)})
+            self.batcher.requeue_batch(batch[:half])
+            self.batcher.requeue_batch(batch[half:])
+        elif exc.kind == "split":
+            self._dead_letter([(batch[0], exc.code, exc.message)])
+        else:
+            length = self.pause.fail(f"{exc.code}: {exc.message}")
+            log.error("DELIVERY PAUSED: the service refused the channel or the credentials; "
+                      "nothing is deleted, retrying later", extra={
+                          "code": exc.code, "status": exc.status, "error": exc.message,
+                          "channel": self.cfg.channel_arn, "pause_seconds": round(length, 1),
+                          "consecutive_failures": self.pause.failures})
+            self.batcher.retry(batch, length)

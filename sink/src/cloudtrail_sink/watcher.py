@@ -1,0 +1,252 @@
+"""Finds sealed segments in ``ready/`` and hands them out oldest first.
+
+Contract:
+
+- :class:`SegmentQueue` holds the names known to be waiting or in progress. ``offer(name)`` adds a
+  name once (a heap keyed by the name, whose byte order is sealing order); ``pop()`` returns the
+  oldest waiting one; ``done(name)`` forgets it after the segment was deleted (or skipped).
+  Memory is one short string per segment, whatever the events inside.
+- :meth:`SegmentQueue.scan` lists ``ready/`` once: ``*.seg`` regular files are offered, anything
+  else (other names, symlinks, FIFOs, folders) is reported once through ``on_ignored`` and never
+  opened. It also publishes ``tmp/*.open`` files older than ``stale_tmp_seconds`` (a writer that
+  never came back) under a fresh ``ready/`` name, as docs/spool.md says.
+- :class:`Watcher` runs a full scan at start, a watchdog (inotify) observer on ``ready/`` so new
+  segments are seen at once without polling, and a rescan every ``rescan_seconds`` as a backstop
+  (watchdog drops inotify queue overflows silently). With ``poll=True`` there is no observer and
+  the scan runs every ``poll_seconds`` instead. Idle, it costs one wake-up per rescan interval.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from . import spool
+
+log = logging.getLogger("cloudtrail_sink.watcher")
+
+
+class SegmentQueue:
+    def __init__(self, lay: spool.Layout, on_ignored: Callable[[str, str], None] | None = None,
+                 stale_tmp_seconds: float = 300.0, clock: Callable[[], float] = time.time):
+        self.layout = lay
+        self.on_ignored = on_ignored or (lambda name, why: None)
+        self.stale_tmp_seconds = stale_tmp_seconds
+        self.clock = clock
+        self._heap: list[str] = []
+        self._known: dict[str, int] = {}   # name -> size in bytes
+        self._ignored: set[str] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.bytes = 0
+        self.scans = 0
+
+    # -- hand-out -------------------------------------------------------------------------------
+    def offer(self, name: str, size: int | None = None) -> bool:
+        if not name.endswith(".seg") or spool.parse_ready_name(name) is None:
+            return False
+        with self._cond:
+            if name in self._known:
+                return False
+            if size is None:
+                try:
+                    st = os.lstat(os.path.join(self.layout.ready, name))
+                except OSError:
+                    return False
+                size = st.st_size
+            self._known[name] = size
+            self.bytes += size
+            heapq.heappush(self._heap, name)
+            self._cond.notify()
+            return True
+
+    def pop(self, timeout: float | None = None) -> str | None:
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._heap and not self._closed:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            if self._closed or not self._heap:
+                return None
+            return heapq.heappop(self._heap)
+
+    def done(self, name: str) -> None:
+        with self._cond:
+            size = self._known.pop(name, None)
+            if size is not None:
+                self.bytes -= size
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- state ----------------------------------------------------------------------------------
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def known(self) -> int:
+        with self._cond:
+            return len(self._known)
+
+    def oldest_sealed_us(self) -> int | None:
+        with self._cond:
+            if not self._known:
+                return None
+            oldest = min(self._known)
+        parsed = spool.parse_ready_name(oldest)
+        return parsed[0] if parsed else None
+
+    # -- scanning -------------------------------------------------------------------------------
+    def scan(self) -> int:
+        """List ready/ (and stale tmp/ files); returns how many new segments were offered."""
+        self.publish_stale_tmp()
+        new = 0
+        try:
+            it = os.scandir(self.layout.ready)
+        except FileNotFoundError:
+            return 0
+        with it:
+            for entry in it:
+                name = entry.name
+                if name in self._known:
+                    continue
+                try:
+                    regular = entry.is_file(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not name.endswith(".seg") or spool.parse_ready_name(name) is None:
+                    self._ignore(name, "name does not follow the segment naming")
+                    continue
+                if not regular:
+                    self._ignore(name, "not a regular file")
+                    continue
+                try:
+                    size = entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+                if self.offer(name, size):
+                    new += 1
+        self.scans += 1
+        return new
+
+    def _ignore(self, name: str, why: str) -> None:
+        if name in self._ignored or name.startswith("."):
+            return
+        self._ignored.add(name)
+        self.on_ignored(name, why)
+
+    def publish_stale_tmp(self) -> int:
+        now = self.clock()
+        published = 0
+        try:
+            it = os.scandir(self.layout.tmp)
+        except FileNotFoundError:
+            return 0
+        with it:
+            for entry in it:
+                parsed = spool.parse_tmp_name(entry.name)
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    age = now - entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                if age < self.stale_tmp_seconds:
+                    continue
+                if parsed is None:
+                    # The sink's own unfinished dead-letter/quarantine files: their events were
+                    # never finalized, so they will be written again; the leftovers can go.
+                    if entry.name.startswith("sink_") and entry.name.endswith((".dlq", ".quarantine")):
+                        try:
+                            os.unlink(entry.path)
+                        except OSError:
+                            pass
+                    continue
+                writer, seq = parsed
+                try:
+                    dest = spool.publish(self.layout, entry.path, writer, seq, self.clock)
+                except OSError as exc:
+                    log.warning("could not publish stale tmp file", extra={
+                        "file": entry.name, "error": exc.strerror})
+                    continue
+                published += 1
+                log.warning("published a stale tmp file left by a writer that is gone", extra={
+                    "file": entry.name, "segment": os.path.basename(dest),
+                    "age_seconds": round(age, 1)})
+        return published
+
+
+class Watcher:
+    """Keeps a :class:`SegmentQueue` filled: inotify (or polling) plus periodic full rescans."""
+
+    def __init__(self, queue: SegmentQueue, poll: bool = False, poll_seconds: float = 1.0,
+                 rescan_seconds: float = 30.0):
+        self.queue = queue
+        self.poll = poll
+        self.interval = poll_seconds if poll else rescan_seconds
+        self._stop = threading.Event()
+        self._rescan_now = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer = None
+
+    def start(self) -> None:
+        if not self.poll:
+            self._start_observer()
+        self.queue.scan()
+        self._thread = threading.Thread(target=self._loop, name="sink-rescan", daemon=True)
+        self._thread.start()
+
+    def _start_observer(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        queue = self.queue
+
+        class Handler(FileSystemEventHandler):
+            def on_created(self, event):  # rename from tmp/ (unwatched) arrives as created
+                if not event.is_directory:
+                    queue.offer(os.path.basename(event.src_path))
+
+            def on_moved(self, event):
+                if not event.is_directory:
+                    queue.offer(os.path.basename(event.dest_path))
+
+        observer = Observer()
+        observer.schedule(Handler(), self.queue.layout.ready, recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def rescan_soon(self) -> None:
+        self._rescan_now.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._rescan_now.wait(self.interval)
+            if self._stop.is_set():
+                break
+            self._rescan_now.clear()
+            try:
+                self.queue.scan()
+            except Exception:  # a failing scan must not end the backstop
+                log.exception("rescan of ready/ failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._rescan_now.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(5)
+            self._observer = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
