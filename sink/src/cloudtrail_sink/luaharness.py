@@ -352,6 +352,9 @@ class FilterHarness:
 
     ``env`` is what ``os.getenv`` sees inside the script (nothing else of the process
     environment leaks in). ``time_as_table`` and ``enable_flb_null`` mirror the filter options.
+    ``prelude`` is Lua code run in the state before the script (tests use it to replace the
+    clock or pre-load a stand-in module through ``package.loaded``); Fluent Bit has no such
+    thing.
     """
 
     script: str | os.PathLike
@@ -359,6 +362,7 @@ class FilterHarness:
     env: Mapping[str, str] | None = None
     time_as_table: bool = False
     enable_flb_null: bool = False
+    prelude: str | None = None
 
     def __post_init__(self) -> None:
         self.script = os.fspath(self.script)
@@ -372,6 +376,8 @@ class FilterHarness:
             # Fluent Bit sets a NULL light userdata; lupa cannot make one, so a unique
             # sentinel that converts back to None is the closest stand-in.
             self.lua.globals()[b"flb_null"] = self.lua.eval("newproxy(false)")
+        if self.prelude:
+            self.lua.execute(self.prelude.encode())
         ok, err = self._h.loadrun(self.script.encode())
         if not ok:
             raise HarnessError(f"{self.script}: {_text(err)}")

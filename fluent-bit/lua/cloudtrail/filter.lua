@@ -1,0 +1,285 @@
+-- cloudtrail.filter: what happens to one record inside Fluent Bit (docs/fluent-bit.md).
+--
+-- Contract:
+--   filter.config_from_env(getenv, script_dir) -> cfg, problems
+--     Reads (defaults in brackets):
+--       CLOUDTRAIL_SPOOL_DIR            spool root                         [/var/spool/cloudtrail]
+--       CLOUDTRAIL_MAPPINGS             compiled mappings (data-only Lua)  [<script dir>/mappings.lua]
+--       CLOUDTRAIL_SEGMENT_MAX_EVENTS   seal a segment at this many events [500]
+--       CLOUDTRAIL_SEGMENT_MAX_BYTES    ... or at this many bytes          [1048576]
+--       CLOUDTRAIL_SEGMENT_MAX_AGE_MS   ... or when older than this        [1000]
+--       CLOUDTRAIL_TICK_TAG             tag of the once-a-second tick      [cloudtrail.tick]
+--     A bad number is reported in `problems` and its default used.
+--   filter.new(cfg, deps) -> f   (deps: clock, log, mapper = module with new(), all optional)
+--     Prepares the spool (creates missing folders, publishes what a crash left in tmp/) and
+--     loads the mappings: loadfile in an EMPTY environment (the file is data only and cannot
+--     call anything), then mapper.new(table). A missing or broken mappings file or mapper is
+--     not fatal: every record is then rejected with that reason (and one log line).
+--   f:process(tag, timestamp, record) -> code, timestamp, record   (filter_lua's contract)
+--     * tick tag: seal what is older than the age limit; return -1.
+--     * otherwise: map with the first matching rule; the event (eventData must be a table
+--       with a string UID; every string valid UTF-8) is appended to the open segment as
+--       {"eventData", "tag", "time"}; a record no rule maps, or whose mapping or encoding fails,
+--       is appended to the rejected file as {"tag", "time", "reason", "record"}. Return -1:
+--       the record has left the pipeline and is in the spool.
+--     * if the spool cannot be written at all (disk full, read-only, folder gone and not
+--       re-creatable), return 0: the record stays in the pipeline unchanged rather than being
+--       dropped, and a log line says why. That is the only case in which a record passes.
+--   f:seal_all()  seal every open file (clean shutdown).
+--   f.stats: counters { events, rejected, kept, ticks }.
+local msgpack = require("cloudtrail.msgpack")
+local spool = require("cloudtrail.spool")
+local clock_mod = require("cloudtrail.clock")
+
+local type, tostring, tonumber, pcall, setmetatable, loadfile, setfenv =
+      type, tostring, tonumber, pcall, setmetatable, loadfile, setfenv
+local table_concat = table.concat
+local str, float64, map_header, encode_parts, utf8_valid =
+      msgpack.str, msgpack.float64, msgpack.map_header, msgpack.encode_parts, msgpack.utf8_valid
+
+local M = {}
+
+M.DEFAULTS = {
+  spool_dir = "/var/spool/cloudtrail",
+  max_events = 500,
+  max_bytes = 1048576,
+  max_age_ms = 1000,
+  tick_tag = "cloudtrail.tick",
+}
+
+-- Deeper records are kept as opaque msgpack bytes in rejected/ (strict decoders such as
+-- Python's msgpack refuse nesting beyond ~1000 levels).
+local REJECTED_MAX_DEPTH = 500
+local OPAQUE_MAX_DEPTH = 5000
+local EVENT_MAX_DEPTH = 100
+local LOG_INTERVAL = 60
+
+local function positive_int(getenv, name, default, problems)
+  local raw = getenv(name)
+  if raw == nil or raw == "" then return default end
+  local n = tonumber(raw)
+  if n == nil or n < 1 or n ~= math.floor(n) then
+    problems[#problems + 1] = name .. "=" .. tostring(raw) .. " is not a positive integer; using "
+      .. default
+    return default
+  end
+  return n
+end
+
+function M.config_from_env(getenv, script_dir)
+  local problems = {}
+  local d = M.DEFAULTS
+  local spool_dir = getenv("CLOUDTRAIL_SPOOL_DIR")
+  if spool_dir == nil or spool_dir == "" then spool_dir = d.spool_dir end
+  local mappings = getenv("CLOUDTRAIL_MAPPINGS")
+  if mappings == nil or mappings == "" then mappings = (script_dir or ".") .. "/mappings.lua" end
+  local tick_tag = getenv("CLOUDTRAIL_TICK_TAG")
+  if tick_tag == nil or tick_tag == "" then tick_tag = d.tick_tag end
+  local cfg = {
+    spool_dir = spool_dir:gsub("/+$", ""),
+    mappings = mappings,
+    max_events = positive_int(getenv, "CLOUDTRAIL_SEGMENT_MAX_EVENTS", d.max_events, problems),
+    max_bytes = positive_int(getenv, "CLOUDTRAIL_SEGMENT_MAX_BYTES", d.max_bytes, problems),
+    max_age_ms = positive_int(getenv, "CLOUDTRAIL_SEGMENT_MAX_AGE_MS", d.max_age_ms, problems),
+    tick_tag = tick_tag,
+  }
+  if cfg.spool_dir == "" then cfg.spool_dir = "/" end
+  return cfg, problems
+end
+
+-- Log lines go to stderr (Fluent Bit's log), never with record content, and each distinct
+-- message at most once a minute so a broken spool cannot flood the log.
+local function stderr_logger(clock)
+  local last = {}
+  local suppressed = {}
+  return function(msg)
+    local now = clock.now()
+    local prev = last[msg]
+    if prev and now - prev < LOG_INTERVAL then
+      suppressed[msg] = (suppressed[msg] or 0) + 1
+      return
+    end
+    last[msg] = now
+    local extra = ""
+    if suppressed[msg] then
+      extra = " (" .. suppressed[msg] .. " more times)"
+      suppressed[msg] = nil
+    end
+    io.stderr:write("[cloudtrail.lua] ", msg, extra, "\n")
+  end
+end
+M.stderr_logger = stderr_logger
+
+-- loadfile in an empty environment: the compiled mappings are data only.
+function M.load_mappings(path)
+  local chunk, err = loadfile(path)
+  if not chunk then return nil, "cannot load mappings " .. tostring(path) .. ": " .. tostring(err) end
+  setfenv(chunk, {})
+  local ok, value = pcall(chunk)
+  if not ok then return nil, "mappings " .. path .. " failed to evaluate: " .. tostring(value) end
+  if type(value) ~= "table" then return nil, "mappings " .. path .. " does not return a table" end
+  if value.format ~= 1 then
+    return nil, "mappings " .. path .. " has format " .. tostring(value.format) .. ", expected 1"
+  end
+  return value
+end
+
+local Filter = {}
+Filter.__index = Filter
+
+function M.new(cfg, deps)
+  deps = deps or {}
+  local clock = deps.clock or clock_mod
+  local log = deps.log or stderr_logger(clock)
+  local f = setmetatable({
+    cfg = cfg,
+    clock = clock,
+    log = log,
+    tick_tag = cfg.tick_tag or M.DEFAULTS.tick_tag,
+    stats = { events = 0, rejected = 0, kept = 0, ticks = 0 },
+    mapper = nil,
+    mapper_error = nil,
+  }, Filter)
+  f.spool = spool.new{
+    root = cfg.spool_dir, max_events = cfg.max_events, max_bytes = cfg.max_bytes,
+    max_age = cfg.max_age_ms / 1000, clock = clock, log = log, writer = deps.writer,
+  }
+  f.spool:ensure_layout()
+  local recovered, rec_err = f.spool:recover()
+  if recovered == nil then
+    log("cannot recover tmp/ of " .. cfg.spool_dir .. ": " .. tostring(rec_err)
+        .. " (the sink publishes stale files after stale_tmp_seconds)")
+  elseif recovered > 0 then
+    log("published " .. recovered .. " file(s) a previous run left in " .. cfg.spool_dir .. "/tmp")
+  end
+  f:load_mapper(deps.mapper)
+  return f
+end
+
+function Filter:load_mapper(mapper_module)
+  local mappings, err = M.load_mappings(self.cfg.mappings)
+  if not mappings then
+    self.mapper_error = err
+    self.log(err .. "; every record goes to rejected/")
+    return
+  end
+  if mapper_module == nil then
+    local ok, mod = pcall(require, "cloudtrail.mapper")
+    if not ok then
+      self.mapper_error = "mapping engine unavailable: " .. tostring(mod)
+      self.log(self.mapper_error .. "; every record goes to rejected/")
+      return
+    end
+    mapper_module = mod
+  end
+  local ok, m, new_err = pcall(mapper_module.new, mappings)
+  if not ok or m == nil then
+    self.mapper_error = "mappings " .. self.cfg.mappings .. " rejected by the mapping engine: "
+      .. tostring(ok and new_err or m)
+    self.log(self.mapper_error .. "; every record goes to rejected/")
+    return
+  end
+  self.mapper = m
+end
+
+local EVENT_OPTS = { strict_utf8 = true, max_depth = EVENT_MAX_DEPTH }
+local K_EVENT_DATA, K_TAG, K_TIME = str("eventData"), str("tag"), str("time")
+local K_REASON, K_RECORD = str("reason"), str("record")
+local HEADER3, HEADER4 = map_header(3), map_header(4)
+
+local function encode_event(tag_str, time_bytes, event)
+  local buf = { HEADER3, K_EVENT_DATA }
+  local n = encode_parts(buf, 2, event, EVENT_OPTS)
+  buf[n + 1] = K_TAG
+  buf[n + 2] = tag_str
+  buf[n + 3] = K_TIME
+  buf[n + 4] = time_bytes
+  return table_concat(buf, "", 1, n + 4)
+end
+
+local function safe_text(s)
+  s = tostring(s)
+  if utf8_valid(s) then return s end
+  return (s:gsub("[\128-\255]", "?"))
+end
+
+-- The record as it goes into rejected/: exact when possible, else opaque msgpack bytes, and
+-- as a last resort a note in the reason (only for records no decoder could read anyway).
+local function encode_record(record)
+  local bytes = msgpack.encode(record, { bin_for_invalid_utf8 = true, max_depth = REJECTED_MAX_DEPTH })
+  if bytes then return bytes, nil end
+  local opaque, err = msgpack.encode(record, { max_depth = OPAQUE_MAX_DEPTH })
+  if opaque then
+    return msgpack.bin(opaque), "record nested deeper than " .. REJECTED_MAX_DEPTH
+      .. " levels: kept as a bin holding its msgpack bytes"
+  end
+  return "\192", "record could not be kept: " .. tostring(err)
+end
+
+function Filter:reject(tag, time_bytes, record, reason)
+  local record_bytes, note = encode_record(record)
+  if note then reason = reason .. "; " .. note end
+  local tag_bytes = msgpack.encode(tag, { bin_for_invalid_utf8 = true }) or str("")
+  local data = table_concat({ HEADER4, K_TAG, tag_bytes, K_TIME, time_bytes,
+                              K_REASON, str(safe_text(reason)), K_RECORD, record_bytes })
+  local ok, err = self.spool:append_rejected(data)
+  if not ok then return nil, err end
+  self.stats.rejected = self.stats.rejected + 1
+  return true
+end
+
+function Filter:map(tag, timestamp, record)
+  local m = self.mapper
+  if m == nil then return nil, self.mapper_error or "no mappings loaded" end
+  local ok, event, reason = pcall(m.map, m, tag, timestamp, record)
+  if not ok then return nil, "mapping failed: " .. safe_text(event) end
+  if event == nil then return nil, safe_text(reason or "no rule matched") end
+  if type(event) ~= "table" then return nil, "mapping returned a " .. type(event) .. ", not a table" end
+  if type(event.UID) ~= "string" or event.UID == "" then
+    return nil, "mapping produced no UID"
+  end
+  return event
+end
+
+function Filter:process(tag, timestamp, record)
+  if tag == self.tick_tag then
+    self.stats.ticks = self.stats.ticks + 1
+    self.spool:tick()
+    return -1, timestamp, record
+  end
+  if type(timestamp) ~= "number" then timestamp = self.clock.now() end
+  local time_bytes = float64(timestamp)
+  local event, reason = self:map(tag, timestamp, record)
+  local err
+  if event ~= nil then
+    if type(tag) == "string" and utf8_valid(tag) then
+      local ok, data = pcall(encode_event, str(tag), time_bytes, event)
+      if ok then
+        local written, write_err = self.spool:append_event(data)
+        if written then
+          self.stats.events = self.stats.events + 1
+          return -1, timestamp, record
+        end
+        err = write_err
+      else
+        reason = "event cannot be written: " .. safe_text(data)
+      end
+    else
+      reason = "tag is not valid UTF-8"
+    end
+  end
+  if err == nil then
+    local ok, rej_err = self:reject(tostring(tag), time_bytes, record, reason)
+    if ok then return -1, timestamp, record end
+    err = rej_err
+  end
+  self.stats.kept = self.stats.kept + 1
+  self.log("record kept in the pipeline, spool not writable: " .. tostring(err))
+  return 0, timestamp, record
+end
+
+function Filter:seal_all()
+  self.spool:seal_all()
+end
+
+return M
