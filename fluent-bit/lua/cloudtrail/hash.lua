@@ -1,0 +1,140 @@
+-- cloudtrail.hash: stable 128-bit hashes for generated event UIDs.
+--
+-- Contract:
+--   hex128(s) -> 32 lowercase hex characters: MurmurHash3_x86_128 of the bytes of s with
+--     seed 0 (the published algorithm, so any implementation can recompute it). Not a
+--     cryptographic hash: it makes UIDs unique and stable, it does not protect secrets.
+--   canonical(v) -> string: a byte-exact serialization of a record that does not depend on
+--     table iteration order (map keys sorted), so the same record always hashes the same:
+--     strings "s<len>:<bytes>", numbers "n<%.17g>", booleans "T"/"F", maps "{" key value ... "}",
+--     arrays "[" values "]".
+
+local bit = require("bit")
+local band, bor, bxor, lshift, rshift, tobit, tohex =
+  bit.band, bit.bor, bit.bxor, bit.lshift, bit.rshift, bit.tobit, bit.tohex
+local byte, format = string.byte, string.format
+local concat, sort = table.concat, table.sort
+local type, pairs, tostring, getmetatable = type, pairs, tostring, getmetatable
+
+local function mul(a, b)
+  local lo = band(b, 0xffff)
+  local hi = rshift(b, 16)
+  return tobit(tobit(a * lo) + lshift(tobit(a * hi), 16))
+end
+
+local function rotl(x, r)
+  return bor(lshift(x, r), rshift(x, 32 - r))
+end
+
+local C1, C2, C3, C4 = tobit(0x239b961b), tobit(0xab0e9789), tobit(0x38b34ae5), tobit(0xa1e38b93)
+
+local function fmix(h)
+  h = bxor(h, rshift(h, 16))
+  h = mul(h, tobit(0x85ebca6b))
+  h = bxor(h, rshift(h, 13))
+  h = mul(h, tobit(0xc2b2ae35))
+  return bxor(h, rshift(h, 16))
+end
+
+local function word(a, b, c, d)
+  return bor(a, lshift(b, 8), lshift(c, 16), lshift(d, 24))
+end
+
+local function hex128(s)
+  local len = #s
+  local h1, h2, h3, h4 = 0, 0, 0, 0
+  local nblocks = len - len % 16
+  for i = 1, nblocks, 16 do
+    local a1, a2, a3, a4, b1, b2, b3, b4, c1, c2, c3, c4, d1, d2, d3, d4 = byte(s, i, i + 15)
+    local k1 = word(a1, a2, a3, a4)
+    local k2 = word(b1, b2, b3, b4)
+    local k3 = word(c1, c2, c3, c4)
+    local k4 = word(d1, d2, d3, d4)
+    k1 = mul(rotl(mul(k1, C1), 15), C2); h1 = bxor(h1, k1)
+    h1 = rotl(h1, 19); h1 = tobit(h1 + h2); h1 = tobit(mul(h1, 5) + 0x561ccd1b)
+    k2 = mul(rotl(mul(k2, C2), 16), C3); h2 = bxor(h2, k2)
+    h2 = rotl(h2, 17); h2 = tobit(h2 + h3); h2 = tobit(mul(h2, 5) + 0x0bcaa747)
+    k3 = mul(rotl(mul(k3, C3), 17), C4); h3 = bxor(h3, k3)
+    h3 = rotl(h3, 15); h3 = tobit(h3 + h4); h3 = tobit(mul(h3, 5) + 0x96cd1c35)
+    k4 = mul(rotl(mul(k4, C4), 18), C1); h4 = bxor(h4, k4)
+    h4 = rotl(h4, 13); h4 = tobit(h4 + h1); h4 = tobit(mul(h4, 5) + 0x32ac3b17)
+  end
+  -- tail
+  local t = { byte(s, nblocks + 1, len) }
+  local tl = #t
+  local k1, k2, k3, k4 = 0, 0, 0, 0
+  for j = tl, 1, -1 do
+    local v = t[j]
+    if j > 12 then k4 = bxor(k4, lshift(v, (j - 13) * 8))
+    elseif j > 8 then k3 = bxor(k3, lshift(v, (j - 9) * 8))
+    elseif j > 4 then k2 = bxor(k2, lshift(v, (j - 5) * 8))
+    else k1 = bxor(k1, lshift(v, (j - 1) * 8)) end
+  end
+  if tl > 12 then k4 = mul(rotl(mul(k4, C4), 18), C1); h4 = bxor(h4, k4) end
+  if tl > 8 then k3 = mul(rotl(mul(k3, C3), 17), C4); h3 = bxor(h3, k3) end
+  if tl > 4 then k2 = mul(rotl(mul(k2, C2), 16), C3); h2 = bxor(h2, k2) end
+  if tl > 0 then k1 = mul(rotl(mul(k1, C1), 15), C2); h1 = bxor(h1, k1) end
+  h1 = bxor(h1, len); h2 = bxor(h2, len); h3 = bxor(h3, len); h4 = bxor(h4, len)
+  h1 = tobit(h1 + h2); h1 = tobit(h1 + h3); h1 = tobit(h1 + h4)
+  h2 = tobit(h2 + h1); h3 = tobit(h3 + h1); h4 = tobit(h4 + h1)
+  h1, h2, h3, h4 = fmix(h1), fmix(h2), fmix(h3), fmix(h4)
+  h1 = tobit(h1 + h2); h1 = tobit(h1 + h3); h1 = tobit(h1 + h4)
+  h2 = tobit(h2 + h1); h3 = tobit(h3 + h1); h4 = tobit(h4 + h1)
+  -- MurmurHash3 prints each 32-bit word little-endian-first as in its 16-byte output
+  local function le(h)
+    local x = tohex(h, 8)
+    return x:sub(7, 8) .. x:sub(5, 6) .. x:sub(3, 4) .. x:sub(1, 2)
+  end
+  return le(h1) .. le(h2) .. le(h3) .. le(h4)
+end
+
+local function is_array(t)
+  local mt = getmetatable(t)
+  if mt and mt.type == 1 then return true end
+  if mt and mt.type == 2 then return false end
+  return t[1] ~= nil
+end
+
+local function serialize(v, buf, n)
+  local tv = type(v)
+  if tv == "string" then
+    n = n + 1; buf[n] = "s" .. #v .. ":"
+    n = n + 1; buf[n] = v
+  elseif tv == "number" then
+    n = n + 1; buf[n] = format("n%.17g;", v)
+  elseif tv == "boolean" then
+    n = n + 1; buf[n] = v and "T" or "F"
+  elseif tv == "table" then
+    if is_array(v) then
+      n = n + 1; buf[n] = "["
+      for i = 1, #v do n = serialize(v[i], buf, n) end
+      n = n + 1; buf[n] = "]"
+    else
+      local keys, nk, byname = {}, 0, {}
+      for k, val in pairs(v) do
+        local ks = type(k) == "string" and k or tostring(k)
+        nk = nk + 1; keys[nk] = ks; byname[ks] = val
+      end
+      sort(keys)
+      n = n + 1; buf[n] = "{"
+      for i = 1, nk do
+        local k = keys[i]
+        n = n + 1; buf[n] = "s" .. #k .. ":"
+        n = n + 1; buf[n] = k
+        n = serialize(byname[k], buf, n)
+      end
+      n = n + 1; buf[n] = "}"
+    end
+  else
+    n = n + 1; buf[n] = "z"
+  end
+  return n
+end
+
+local function canonical(v)
+  local buf = {}
+  local n = serialize(v, buf, 0)
+  return concat(buf, "", 1, n)
+end
+
+return { hex128 = hex128, canonical = canonical }

@@ -1,0 +1,704 @@
+-- cloudtrail.mapper: turn one Fluent Bit record into a CloudTrail Lake eventData table, following
+-- compiled mapping rules (see docs/mappings.md for the YAML they come from).
+--
+-- Contract:
+--   local m, err = mapper.new(compiled)
+--     compiled is the table a compiled mapping file returns: { format = 1, rules = {...},
+--     defaults = {...}? }. Every rule is turned into closures once, here; bad data gives
+--     nil + err (never an error).
+--   local event_data, reason, rule_name = m:map(tag, timestamp, record)
+--     Rules are tried in order; the first whose tag glob and conditions hold (and whose decode
+--     and capture steps succeed, unless a step says on_failure: reject) builds the event.
+--     Returns the eventData table, or nil + a reason (no rule matched, a required field has no
+--     value, a field is over its limit under oversize: reject, a step failed with
+--     on_failure: reject). rule_name names the rule that applied, when one did.
+--     Never raises for any record shape; the returned table:
+--       * holds only valid UTF-8 strings (invalid bytes become U+FFFD, see cloudtrail.utf8),
+--       * no NaN/inf (they become the strings "NaN", "Infinity", "-Infinity"),
+--       * eventTime as YYYY-MM-DDTHH:MM:SSZ, sourceIPAddress only when it is an IP address (a
+--         value that is not is moved to additionalEventData.invalidSourceIPAddress),
+--       * sizes within the schema limits (truncated visibly or rejected, per the rule),
+--       * always a UID: the rule's, or hash128(tag, timestamp, canonical record).
+--     Tables in the result carry the filter_lua array/map metatables ({type=1} / {type=2}).
+
+local json = require("cloudtrail.json")
+local utf8 = require("cloudtrail.utf8")
+local kv = require("cloudtrail.kv")
+local timeconv = require("cloudtrail.timeconv")
+local hash = require("cloudtrail.hash")
+local ipaddr = require("cloudtrail.ipaddr")
+
+local type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, next, pcall =
+  type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, next, pcall
+local find, format, gsub, sub = string.find, string.format, string.gsub, string.sub
+local concat = table.concat
+local floor, huge = math.floor, math.huge
+
+local sanitize, cut_utf8 = utf8.sanitize, utf8.cut
+local json_size, json_encode, json_decode, is_array = json.size, json.encode, json.decode, json.is_array
+local ARRAY_MT, MAP_MT = json.ARRAY_MT, json.MAP_MT
+local to_utc, from_epoch = timeconv.to_utc, timeconv.from_epoch
+local hex128, canonical = hash.hex128, hash.canonical
+local valid_ip = ipaddr.valid
+
+local FORMAT = 1
+local MAX_CLEAN_DEPTH = 200
+local TRUNCATION_MARK = "...[truncated]"
+local TAG_CACHE_MAX = 512
+
+-- CloudTrail integration-event fields (schema.py): strings with byte limits, and objects.
+local STRING_LIMITS = {
+  version = 256, userAgent = 1024, eventSource = 1024, eventName = 1024, UID = 1024,
+  errorCode = 256, errorMessage = 256, recipientAccountId = 12, eventTime = 20,
+  sourceIPAddress = 45,
+}
+local STRING_FIELDS = { "version", "eventSource", "eventName", "eventTime", "UID", "userAgent",
+  "errorCode", "errorMessage", "sourceIPAddress", "recipientAccountId" }
+local OBJECT_LIMITS = { requestParameters = 100000, responseElements = 100000,
+  additionalEventData = 28000 }
+local OBJECT_FIELDS = { "requestParameters", "responseElements", "additionalEventData" }
+local IDENTITY_LIMITS = { type = 128, principalId = 1024 }
+local REQUIRED = { eventSource = true, eventName = true }
+
+local M = {}
+M.__index = M
+
+---------------------------------------------------------------------------------------------
+-- value conversions
+
+local function number_text(n)
+  if n ~= n then return "NaN" end
+  if n == huge then return "Infinity" end
+  if n == -huge then return "-Infinity" end
+  if n == floor(n) and n > -1e15 and n < 1e15 then return format("%d", n) end
+  local t = format("%.14g", n)
+  if tonumber(t) ~= n then t = format("%.17g", n) end
+  return t
+end
+
+-- A deep copy that is safe to write: valid UTF-8, no NaN/inf, string keys, marked tables.
+local clean
+clean = function(v, depth)
+  local tv = type(v)
+  if tv == "string" then return (sanitize(v)) end
+  if tv == "number" then
+    if v ~= v or v == huge or v == -huge then return number_text(v) end
+    return v
+  end
+  if tv == "boolean" then return v end
+  if tv ~= "table" then return nil end        -- flb_null and other userdata: absent
+  if depth > MAX_CLEAN_DEPTH then return "[nesting too deep]" end
+  depth = depth + 1
+  local out
+  if is_array(v) then
+    out = setmetatable({}, ARRAY_MT)
+    local n = 0
+    for i = 1, #v do
+      local c = clean(v[i], depth)
+      if c ~= nil then n = n + 1; out[n] = c end
+    end
+  else
+    out = setmetatable({}, MAP_MT)
+    for k, val in pairs(v) do
+      local c = clean(val, depth)
+      if c ~= nil then
+        local tk = type(k)
+        if tk == "string" then k = sanitize(k)
+        elseif tk == "number" then k = number_text(k)
+        else k = tostring(k) end
+        out[k] = c
+      end
+    end
+  end
+  return out
+end
+
+-- Text for a CloudTrail string field or a template placeholder; nil when absent.
+local function to_text(v)
+  local tv = type(v)
+  if tv == "string" then return (sanitize(v)) end
+  if tv == "number" then return number_text(v) end
+  if tv == "boolean" then return v and "true" or "false" end
+  if tv == "table" then return json_encode(clean(v, 0)) end
+  return nil
+end
+
+-- An object field's value: maps as they are, anything else wrapped as {"value": ...}.
+local function to_object(v)
+  if v == nil or (type(v) ~= "table" and type(v) ~= "string" and type(v) ~= "number"
+                  and type(v) ~= "boolean") then
+    return nil
+  end
+  if type(v) == "table" and not is_array(v) then return clean(v, 0) end
+  return setmetatable({ value = clean(v, 0) }, MAP_MT)
+end
+
+local function scalar_equal(a, b)
+  if a == b then return true end
+  local ta, tb = type(a), type(b)
+  if ta == "number" and tb == "string" then return number_text(a) == b end
+  if ta == "string" and tb == "number" then return a == number_text(b) end
+  return false
+end
+
+---------------------------------------------------------------------------------------------
+-- compiling rule data into closures
+
+local function glob_pattern(glob)
+  local p = gsub(glob, "[%^%$%(%)%%%.%[%]%+%-%?]", "%%%0")
+  p = gsub(p, "%*", ".*")
+  return "^" .. p .. "$"
+end
+
+local function compile_ref(e)
+  local src, path = e.src or "record", e.path or {}
+  local n = #path
+  for i = 1, n do
+    local t = type(path[i])
+    if t ~= "string" and t ~= "number" then return nil, "path element must be a key or index" end
+  end
+  -- the four cases cover the common depths without a loop
+  if src == "record" then
+    if n == 0 then return function(rec) return rec end end
+    local p1, p2 = path[1], path[2]
+    if n == 1 then
+      return function(rec) return rec[p1] end
+    end
+    if n == 2 then
+      return function(rec)
+        local v = rec[p1]
+        if type(v) ~= "table" then return nil end
+        return v[p2]
+      end
+    end
+    return function(rec)
+      local v = rec
+      for i = 1, n do
+        if type(v) ~= "table" then return nil end
+        v = v[path[i]]
+      end
+      return v
+    end
+  end
+  return function(_, _, _, vars)
+    local v = vars[src]
+    for i = 1, n do
+      if type(v) ~= "table" then return nil end
+      v = v[path[i]]
+    end
+    return v
+  end
+end
+
+local compile_expr
+
+local function compile_list(list)
+  if type(list) ~= "table" then return nil, "expected a list of expressions" end
+  local fns = {}
+  for i, e in ipairs(list) do
+    local f, err = compile_expr(e)
+    if not f then return nil, err end
+    fns[i] = f
+  end
+  return fns
+end
+
+local function compile_kind(e)
+  local k = e.k
+  if k == "lit" then
+    local v = e.v
+    return function() return v end
+  elseif k == "ref" then
+    return compile_ref(e)
+  elseif k == "tag" then
+    return function(_, tag) return tag end
+  elseif k == "time" then
+    return function(_, _, ts) return ts end
+  elseif k == "first" then
+    local fns, err = compile_list(e.list)
+    if not fns then return nil, err end
+    local n = #fns
+    return function(rec, tag, ts, vars)
+      for i = 1, n do
+        local v = fns[i](rec, tag, ts, vars)
+        if v ~= nil and v ~= "" then return v end
+      end
+      return nil
+    end
+  elseif k == "tpl" then
+    local parts = e.parts
+    if type(parts) ~= "table" then return nil, "template without parts" end
+    local fns, texts, n = {}, {}, #parts
+    for i = 1, n do
+      local p = parts[i]
+      if type(p) == "string" then
+        texts[i] = p
+      else
+        local f, err = compile_expr(p)
+        if not f then return nil, err end
+        fns[i] = f
+      end
+    end
+    return function(rec, tag, ts, vars)
+      local buf = {}
+      for i = 1, n do
+        local t = texts[i]
+        if not t then
+          t = to_text(fns[i](rec, tag, ts, vars))
+          if t == nil then return nil end
+        end
+        buf[i] = t
+      end
+      return concat(buf, "", 1, n)
+    end
+  elseif k == "tconv" then
+    local fns, err = compile_list(e.list)
+    if not fns then return nil, err end
+    local fmt = e.fmt or "auto"
+    if not timeconv.FORMATS[fmt] then return nil, "unknown time format '" .. tostring(fmt) .. "'" end
+    local n = #fns
+    local kinds = {}
+    for i, sub_e in ipairs(e.list) do kinds[i] = sub_e.k end
+    return function(rec, tag, ts, vars)
+      for i = 1, n do
+        local v = fns[i](rec, tag, ts, vars)
+        if v ~= nil then
+          -- the Fluent Bit timestamp is always epoch seconds, whatever the rule's format
+          local t = kinds[i] == "time" and from_epoch(v) or to_utc(v, fmt, ts)
+          if t then return t end
+        end
+      end
+      return nil
+    end
+  elseif k == "obj" then
+    local keys, vals = e.keys, e.vals
+    if type(keys) ~= "table" or type(vals) ~= "table" or #keys ~= #vals then
+      return nil, "object needs keys and vals of the same length"
+    end
+    local fns, err = compile_list(vals)
+    if not fns then return nil, err end
+    local n = #keys
+    return function(rec, tag, ts, vars)
+      local out = setmetatable({}, MAP_MT)
+      for i = 1, n do
+        local v = fns[i](rec, tag, ts, vars)
+        if v ~= nil then out[keys[i]] = v end
+      end
+      return out
+    end
+  elseif k == "hash" then
+    local fns, err = compile_list(e.list)
+    if not fns then return nil, err end
+    local n = #fns
+    return function(rec, tag, ts, vars)
+      local buf = {}
+      for i = 1, n do buf[i] = canonical(fns[i](rec, tag, ts, vars)) end
+      return hex128(concat(buf, "|", 1, n))
+    end
+  end
+  return nil, "unknown expression kind '" .. tostring(k) .. "'"
+end
+
+compile_expr = function(e)
+  if type(e) ~= "table" then return nil, "expression must be a table" end
+  local f, err = compile_kind(e)
+  if not f then return nil, err end
+  local d = e.d
+  if d ~= nil then
+    return function(rec, tag, ts, vars)
+      local v = f(rec, tag, ts, vars)
+      if v == nil then return d end
+      return v
+    end
+  end
+  return f
+end
+
+local function compile_condition(c)
+  if type(c) ~= "table" or type(c.ref) ~= "table" then return nil, "condition without ref" end
+  local get, err = compile_ref(c.ref)
+  if not get then return nil, err end
+  local op = c.op
+  if op == "exists" then
+    return function(rec, tag, ts, vars) return get(rec, tag, ts, vars) ~= nil end
+  elseif op == "absent" then
+    return function(rec, tag, ts, vars) return get(rec, tag, ts, vars) == nil end
+  elseif op == "equals" then
+    local want = c.value
+    return function(rec, tag, ts, vars) return scalar_equal(get(rec, tag, ts, vars), want) end
+  elseif op == "one_of" then
+    local values = c.values
+    if type(values) ~= "table" then return nil, "one_of without values" end
+    local set = {}
+    for _, v in ipairs(values) do set[v] = true; if type(v) == "number" then set[number_text(v)] = true end end
+    return function(rec, tag, ts, vars)
+      local v = get(rec, tag, ts, vars)
+      if v == nil then return false end
+      if type(v) == "number" then return set[v] == true or set[number_text(v)] == true end
+      return set[v] == true
+    end
+  elseif op == "pattern" then
+    local pat = c.pattern
+    if type(pat) ~= "string" then return nil, "pattern must be a string" end
+    local ok = pcall(find, "", pat)
+    if not ok then return nil, "invalid Lua pattern" end
+    return function(rec, tag, ts, vars)
+      local v = get(rec, tag, ts, vars)
+      local tv = type(v)
+      if tv == "number" then v = number_text(v) elseif tv ~= "string" then return false end
+      return find(v, pat) ~= nil
+    end
+  end
+  return nil, "unknown condition op '" .. tostring(op) .. "'"
+end
+
+local function compile_conditions(list)
+  local fns = {}
+  for i, c in ipairs(list or {}) do
+    local f, err = compile_condition(c)
+    if not f then return nil, "condition " .. i .. ": " .. err end
+    fns[i] = f
+  end
+  return fns
+end
+
+local function compile_step(s)
+  if type(s) ~= "table" or type(s.name) ~= "string" then return nil, "step without name" end
+  local get, err = compile_expr(s.from)
+  if not get then return nil, err end
+  local name = s.name
+  local reject = s.on_failure == "reject"
+  if s.kind == "decode" then
+    local fmt = s.format or "json_or_kv"
+    local rest
+    if s.rest_keys then
+      rest = {}
+      for _, k in ipairs(s.rest_keys) do rest[k] = true end
+    end
+    local function decode_text(text)
+      if type(text) ~= "string" then return nil, "is not a string" end
+      if fmt == "json" then return json_decode(text) end
+      if fmt == "kv" then return kv.decode(text, rest) end
+      if fmt == "json_or_kv" then
+        if find(text, "^%s*[{%[]") then return json_decode(text) end
+        return kv.decode(text, rest)
+      end
+      return nil, "unknown decode format"
+    end
+    if fmt ~= "json" and fmt ~= "kv" and fmt ~= "json_or_kv" then
+      return nil, "unknown decode format '" .. tostring(fmt) .. "'"
+    end
+    return { name = name, reject = reject, run = function(rec, tag, ts, vars)
+      local v, derr = decode_text(get(rec, tag, ts, vars))
+      if v == nil then return false, "decode '" .. name .. "': " .. (derr or "failed") end
+      vars[name] = v
+      return true
+    end }
+  elseif s.kind == "capture" then
+    local pat, fields = s.pattern, s.fields
+    if type(pat) ~= "string" or type(fields) ~= "table" then return nil, "capture needs pattern and fields" end
+    if not pcall(find, "", pat) then return nil, "invalid Lua pattern" end
+    local nf = #fields
+    return { name = name, reject = reject, run = function(rec, tag, ts, vars)
+      local v = get(rec, tag, ts, vars)
+      if type(v) ~= "string" then return false, "capture '" .. name .. "': source is not a string" end
+      local caps = { find(v, pat) }
+      if caps[1] == nil then return false, "capture '" .. name .. "': pattern did not match" end
+      local out = setmetatable({}, MAP_MT)
+      for i = 1, nf do
+        local c = caps[i + 2]
+        if c ~= nil then out[fields[i]] = c end
+      end
+      vars[name] = out
+      return true
+    end }
+  end
+  return nil, "unknown step kind '" .. tostring(s.kind) .. "'"
+end
+
+---------------------------------------------------------------------------------------------
+-- making an event fit
+
+local function preview_object(obj, limit, extra_list)
+  local original = json_size(obj)
+  local text = json_encode(obj)
+  local p = setmetatable({ truncated = true, originalBytes = original, preview = "" }, MAP_MT)
+  if extra_list then p.truncatedFields = extra_list end
+  local avail = limit - json_size(p)
+  local cutlen = avail
+  for _ = 1, 8 do
+    p.preview = cut_utf8(text, cutlen > 0 and cutlen or 0)
+    local over = json_size(p) - limit
+    if over <= 0 then return p end
+    cutlen = #p.preview - over
+  end
+  p.preview = ""
+  return p
+end
+
+local function text_over(name, size, limit)
+  return format("%s is %d bytes; the limit is %d", name, size, limit)
+end
+
+---------------------------------------------------------------------------------------------
+-- rules
+
+local function compile_rule(r, i, defaults)
+  if type(r) ~= "table" then return nil, "rule " .. i .. " is not a table" end
+  local label = format("rule '%s' (%s:%s)", tostring(r.name), tostring(r.file or "?"),
+                       tostring(r.line or "?"))
+  local rule = { name = r.name, label = label, truncate = r.oversize ~= "reject", tags = {} }
+  for j, g in ipairs(r.tags or {}) do
+    if type(g) ~= "string" then return nil, label .. ": tag glob must be a string" end
+    rule.tags[j] = glob_pattern(g)
+  end
+  if #rule.tags == 0 then return nil, label .. ": no tag glob" end
+  local err
+  rule.pre, err = compile_conditions(r.where)
+  if not rule.pre then return nil, label .. ": " .. err end
+  rule.post, err = compile_conditions(r.after)
+  if not rule.post then return nil, label .. ": " .. err end
+  rule.steps = {}
+  for j, s in ipairs(r.steps or {}) do
+    local st, serr = compile_step(s)
+    if not st then return nil, label .. ": step " .. j .. ": " .. serr end
+    rule.steps[j] = st
+  end
+  local ev = r.event
+  if type(ev) ~= "table" then return nil, label .. ": no event" end
+  local fields = {}
+  for _, name in ipairs(STRING_FIELDS) do
+    local e = ev[name]
+    if e == nil and defaults and defaults[name] ~= nil then e = { k = "lit", v = defaults[name] } end
+    if e ~= nil then
+      local f, ferr = compile_expr(e)
+      if not f then return nil, label .. ": " .. name .. ": " .. ferr end
+      fields[name] = f
+    end
+  end
+  for _, name in ipairs(OBJECT_FIELDS) do
+    if ev[name] ~= nil then
+      local f, ferr = compile_expr(ev[name])
+      if not f then return nil, label .. ": " .. name .. ": " .. ferr end
+      fields[name] = f
+    end
+  end
+  local ui = ev.userIdentity
+  if type(ui) ~= "table" then return nil, label .. ": userIdentity missing" end
+  for _, name in ipairs({ "type", "principalId", "details" }) do
+    if ui[name] ~= nil then
+      local f, ferr = compile_expr(ui[name])
+      if not f then return nil, label .. ": userIdentity." .. name .. ": " .. ferr end
+      fields["userIdentity." .. name] = f
+    end
+  end
+  for _, name in ipairs({ "eventSource", "eventName", "userIdentity.type", "userIdentity.principalId" }) do
+    if not fields[name] then return nil, label .. ": " .. name .. " has no expression" end
+  end
+  -- eventTime is always converted: a plain field reference goes through 'auto'
+  local et = ev.eventTime
+  if et ~= nil and et.k ~= "tconv" then
+    fields.eventTime = compile_expr({ k = "tconv", list = { et }, fmt = "auto", d = et.d })
+  end
+  rule.fields = fields
+  rule.explicit_uid = ev.UID ~= nil
+  return rule
+end
+
+function M.new(compiled)
+  if type(compiled) ~= "table" then return nil, "compiled mappings must be a table" end
+  if compiled.format ~= FORMAT then
+    return nil, "compiled mappings format " .. tostring(compiled.format) .. " is not " .. FORMAT
+  end
+  if type(compiled.rules) ~= "table" then return nil, "compiled mappings have no rules" end
+  local rules = {}
+  for i, r in ipairs(compiled.rules) do
+    local ok, rule, err = pcall(compile_rule, r, i, compiled.defaults)
+    if not ok then return nil, "rule " .. i .. ": " .. tostring(rule) end
+    if not rule then return nil, err end
+    rules[i] = rule
+  end
+  return setmetatable({ rules = rules, tag_cache = {}, tag_cache_n = 0 }, M)
+end
+
+-- Rules whose globs match tag, computed once per distinct tag.
+local function rules_for(self, tag)
+  local list = self.tag_cache[tag]
+  if list then return list end
+  list = {}
+  for _, rule in ipairs(self.rules) do
+    for _, p in ipairs(rule.tags) do
+      if find(tag, p) then list[#list + 1] = rule; break end
+    end
+  end
+  if self.tag_cache_n >= TAG_CACHE_MAX then self.tag_cache, self.tag_cache_n = {}, 0 end
+  self.tag_cache[tag] = list
+  self.tag_cache_n = self.tag_cache_n + 1
+  return list
+end
+
+local function build(rule, tag, ts, rec, vars)
+  local f = rule.fields
+  local ev = setmetatable({}, MAP_MT)
+  local truncated, bad_ip
+  local truncate = rule.truncate
+
+  local function fit_string(name, text, limit)
+    if #text <= limit then return text end
+    if not truncate then return nil, text_over(name, #text, limit) end
+    truncated = truncated or setmetatable({}, ARRAY_MT)
+    truncated[#truncated + 1] = name
+    return cut_utf8(text, limit - #TRUNCATION_MARK) .. TRUNCATION_MARK
+  end
+
+  for _, name in ipairs(STRING_FIELDS) do
+    local fn = f[name]
+    if fn then
+      local text = to_text(fn(rec, tag, ts, vars))
+      if text == nil then
+        if REQUIRED[name] then return nil, name .. " has no value" end
+      elseif name == "eventTime" then
+        ev.eventTime = text
+      elseif name == "sourceIPAddress" then
+        if text ~= "" then
+          if valid_ip(text) then ev.sourceIPAddress = text else bad_ip = text end
+        end
+      elseif name == "UID" then
+        if #text > STRING_LIMITS.UID then
+          if not truncate then return nil, text_over("UID", #text, STRING_LIMITS.UID) end
+          truncated = truncated or setmetatable({}, ARRAY_MT)
+          truncated[#truncated + 1] = "UID"
+          text = hex128(text)       -- a cut UID could collide; its hash stays unique
+        end
+        ev.UID = text
+      else
+        local fitted, err = fit_string(name, text, STRING_LIMITS[name])
+        if not fitted then return nil, err end
+        ev[name] = fitted
+      end
+    end
+  end
+  if ev.eventTime == nil then
+    if f.eventTime then return nil, "eventTime has no value that converts to a time" end
+    ev.eventTime = from_epoch(ts)
+    if not ev.eventTime then return nil, "the record's timestamp is not a usable time" end
+  end
+  if ev.UID == nil then
+    ev.UID = hex128(canonical(tag) .. canonical(ts) .. canonical(rec))
+  end
+
+  local ident = setmetatable({}, MAP_MT)
+  for name, limit in pairs(IDENTITY_LIMITS) do
+    local text = to_text(f["userIdentity." .. name](rec, tag, ts, vars))
+    if text == nil then return nil, "userIdentity." .. name .. " has no value" end
+    local fitted, err = fit_string("userIdentity." .. name, text, limit)
+    if not fitted then return nil, err end
+    ident[name] = fitted
+  end
+  if f["userIdentity.details"] then
+    local d = to_object(f["userIdentity.details"](rec, tag, ts, vars))
+    if d ~= nil then ident.details = d end
+  end
+  ev.userIdentity = ident
+
+  for _, name in ipairs(OBJECT_FIELDS) do
+    local fn = f[name]
+    if fn then
+      local obj = to_object(fn(rec, tag, ts, vars))
+      if obj ~= nil then ev[name] = obj end
+    end
+  end
+  if bad_ip then
+    local aed = ev.additionalEventData or setmetatable({}, MAP_MT)
+    aed.invalidSourceIPAddress = bad_ip
+    ev.additionalEventData = aed
+  end
+  for _, name in ipairs(OBJECT_FIELDS) do
+    local obj = ev[name]
+    local limit = OBJECT_LIMITS[name]
+    if obj ~= nil and name ~= "additionalEventData" then
+      local size = json_size(obj)
+      if size > limit then
+        if not truncate then return nil, text_over(name, size, limit) end
+        truncated = truncated or setmetatable({}, ARRAY_MT)
+        truncated[#truncated + 1] = name
+        ev[name] = preview_object(obj, limit)
+      end
+    end
+  end
+  local aed, limit = ev.additionalEventData, OBJECT_LIMITS.additionalEventData
+  if aed ~= nil then
+    local size = json_size(aed)
+    if size > limit then
+      if not truncate then return nil, text_over("additionalEventData", size, limit) end
+      truncated = truncated or setmetatable({}, ARRAY_MT)
+      truncated[#truncated + 1] = "additionalEventData"
+      aed = preview_object(aed, limit, truncated)
+      ev.additionalEventData = aed
+      return ev
+    end
+  end
+  if truncated then
+    aed = aed or setmetatable({}, MAP_MT)
+    aed.truncatedFields = truncated
+    if json_size(aed) > limit then
+      aed.truncatedFields = nil
+      truncated[#truncated + 1] = "additionalEventData"
+      aed = preview_object(aed, limit, truncated)
+    end
+    ev.additionalEventData = aed
+  end
+  return ev
+end
+
+local function try_rule(rule, tag, ts, rec)
+  local pre = rule.pre
+  for i = 1, #pre do
+    if not pre[i](rec, tag, ts, nil) then return false end
+  end
+  local vars
+  local steps = rule.steps
+  if #steps > 0 then
+    vars = {}
+    for i = 1, #steps do
+      local ok, why = steps[i].run(rec, tag, ts, vars)
+      if not ok then
+        if steps[i].reject then return true, nil, why end
+        return false
+      end
+    end
+  end
+  local post = rule.post
+  for i = 1, #post do
+    if not post[i](rec, tag, ts, vars) then return false end
+  end
+  local ev, why = build(rule, tag, ts, rec, vars or {})
+  return true, ev, why
+end
+
+function M:map(tag, ts, record)
+  if type(tag) ~= "string" then tag = tostring(tag) end
+  if type(record) ~= "table" then return nil, "record is not a map" end
+  if type(ts) ~= "number" then ts = 0 end
+  local list = rules_for(self, tag)
+  for i = 1, #list do
+    local rule = list[i]
+    local ok, applied, ev, why = pcall(try_rule, rule, tag, ts, record)
+    if not ok then
+      return nil, rule.label .. ": internal error: " .. tostring(applied), rule.name
+    end
+    if applied then
+      if ev then return ev, nil, rule.name end
+      return nil, rule.label .. ": " .. tostring(why), rule.name
+    end
+  end
+  return nil, "no mapping rule matched tag '" .. sanitize(tag) .. "'"
+end
+
+M.FORMAT = FORMAT
+M.STRING_LIMITS = STRING_LIMITS
+M.OBJECT_LIMITS = OBJECT_LIMITS
+M.TRUNCATION_MARK = TRUNCATION_MARK
+M.glob_pattern = glob_pattern
+
+return M
