@@ -1,0 +1,137 @@
+"""Batching limits, duplicate ids, linger and retries (time injected); backoff formulas."""
+
+from __future__ import annotations
+
+import random
+
+from cloudtrail_sink import events
+from cloudtrail_sink.backoff import FullJitter, Pause
+from cloudtrail_sink.batcher import Batcher, Item
+
+from sinksupport import ACCOUNT, event
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def item(i, pad=0, **extra):
+    built = events.build({"eventData": event(i, pad=pad, **extra)}, ACCOUNT)
+    assert isinstance(built, events.Prepared)
+    return Item(None, built, "t", 1.0)
+
+
+def drain(b: Batcher) -> list[list[Item]]:
+    b.flush()
+    out = []
+    while b.count():
+        out.append(b.take(timeout=0))
+    return out
+
+
+def test_never_more_than_max_events():
+    b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=FakeClock())
+    for i in range(250):
+        b.add(item(i))
+    batch = b.take(timeout=0)  # full: handed out without waiting for the linger
+    assert len(batch) == 100
+    assert [len(x) for x in drain(b)] == [100, 50]
+
+
+def test_never_more_than_the_request_size_budget():
+    budget = 50_000
+    b = Batcher(max_events=100, max_bytes=budget, linger=0.2, clock=FakeClock())
+    for i in range(60):
+        b.add(item(i, pad=4_000))
+    batches = drain(b)
+    assert sum(len(x) for x in batches) == 60
+    for batch in batches:
+        size = events.request_size([it.p.size for it in batch])
+        assert size <= budget
+    # ...and full: the next event would not have fitted.
+    assert events.request_size([it.p.size for it in batches[0]] + [batches[1][0].p.size]) > budget
+
+
+def test_duplicate_ids_never_share_a_request():
+    b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=FakeClock())
+    first, twin, other = item(1), item(1), item(1, eventName="Different")
+    assert first.p.id == twin.p.id == other.p.id and first.p.text == twin.p.text != other.p.text
+    for it in (first, item(2), twin, other, item(3)):
+        b.add(it)
+    batches = drain(b)
+    ids = [[it.p.id for it in batch] for batch in batches]
+    assert all(len(set(x)) == len(x) for x in ids)
+    assert ids == [["evt-1", "evt-2", "evt-3"], ["evt-1"]]
+    # The identical twin is sent once, riding along with the first copy.
+    assert batches[0][0] is first and first.aliases == [twin] and batches[1][0] is other
+
+
+def test_linger_hands_out_a_partial_batch_only_when_due():
+    clock = FakeClock()
+    b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=clock)
+    b.add(item(1))
+    assert b.take(timeout=0) is None
+    clock.t += 0.19
+    assert b.take(timeout=0) is None
+    clock.t += 0.02
+    assert [it.p.id for it in b.take(timeout=0)] == ["evt-1"]
+
+
+def test_retries_wait_their_delay_then_go_first():
+    clock = FakeClock()
+    b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=clock)
+    r = item("r")
+    b.retry([r], 1.0)
+    clock.t += 0.5
+    b.add(item("new"))
+    clock.t += 0.3  # new is due, the retry is not yet
+    assert [it.p.id for it in b.take(timeout=0)] == ["evt-new"]
+    clock.t += 0.3
+    assert [it.p.id for it in b.take(timeout=0)] == ["evt-r"]
+
+
+def test_requeued_batches_keep_their_shape():
+    b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=FakeClock())
+    half = [item(1), item(2)]
+    b.requeue_batch(half)
+    b.add(item(3))
+    assert b.take(timeout=0) is half
+
+
+def test_close_releases_waiting_takers():
+    b = Batcher(linger=10, clock=FakeClock())
+    b.close()
+    assert b.take() is None
+
+
+class SeqRandom(random.Random):
+    def __init__(self, values):
+        super().__init__(0)
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_full_jitter_formula():
+    j = FullJitter(base=0.1, cap=20.0, rand=SeqRandom([1.0, 0.5, 1.0, 0.25]))
+    assert j.delay(0) == 0.1
+    assert j.delay(3) == 0.5 * 0.8
+    assert j.delay(20) == 20.0  # capped
+    assert j.delay(1) == 0.25 * 0.2
+
+
+def test_pause_doubles_up_to_its_cap_and_clears_on_success():
+    clock = FakeClock()
+    p = Pause(base=1.0, cap=8.0, clock=clock, rand=SeqRandom([1.0] * 6))
+    lengths = [p.fail("ChannelNotFound") for _ in range(5)]
+    assert lengths == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert p.paused and p.remaining() == 8.0 and p.reason == "ChannelNotFound"
+    clock.t += 8.0
+    assert p.remaining() == 0 and p.paused  # still paused until a request succeeds
+    p.succeed()
+    assert not p.paused and p.fail("x") == 1.0
