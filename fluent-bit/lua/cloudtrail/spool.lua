@@ -205,7 +205,8 @@ function Stream:seal()
   local f = self.file
   if not f then return true end
   self.file = nil
-  f:close()
+  -- pcall: at lua_close the io library may have finalized (closed) the file before us.
+  pcall(f.close, f)
   if self.bytes == 0 then
     os_remove(self.path)
     return true

@@ -108,7 +108,10 @@ _HELPERS = r"""
 local setmetatable, getmetatable, rawset, rawget, next, type, maxn, tostring =
       setmetatable, debug.getmetatable, rawset, rawget, next, type, table.maxn, tostring
 local H = {}
-function H.new_table(kind) return setmetatable({}, { type = kind }) end
+-- lua_createtable(l, narr, nrec): the preallocation decides what `#` says about holes.
+local ok_new, table_new = pcall(require, "table.new")
+if not ok_new then table_new = function() return {} end end
+function H.new_table(kind, narr, nrec) return setmetatable(table_new(narr, nrec), { type = kind }) end
 function H.rawset(t, k, v) rawset(t, k, v) end
 function H.settable(t, k, v) t[k] = v end
 -- flb_lua_tompack's decision for one table: "array", n | "map"
@@ -193,26 +196,19 @@ def new_runtime() -> Any:
     """A fresh LuaJIT 2.1 state with every standard library, as ``flb_luajit_create`` makes.
 
     Strings cross the boundary as bytes (``encoding=None``); LuaJIT's default ``package.path``.
+    Dropping the last reference closes the state (``lua_close``: finalizers run, files close).
     """
     lua = _lupa.LuaRuntime(encoding=None, unpack_returned_tuples=True, register_eval=False)
-    helpers = _Helpers(lua.execute(_HELPERS))
     lua.globals()[b"package"][b"path"] = LUAJIT_DEFAULT_PATH
     # lupa installs a global `python` table; Fluent Bit has none.
     lua.globals()[b"python"] = None
-    _HELPER_CACHE[id(lua)] = (lua, helpers)
     return lua
 
 
-_HELPER_CACHE: dict[int, tuple[Any, Any]] = {}
-
-
-def _helpers(lua: Any) -> Any:
-    entry = _HELPER_CACHE.get(id(lua))
-    if entry is None or entry[0] is not lua:
-        helpers = _Helpers(lua.execute(_HELPERS))
-        _HELPER_CACHE[id(lua)] = (lua, helpers)
-        return helpers
-    return entry[1]
+def _helpers(lua: Any) -> "_Helpers":
+    # Not cached on the runtime: helper functions reference it, and lupa runtimes do not take
+    # part in cycle collection, so a cache would keep every state (and its files) alive.
+    return _Helpers(lua.execute(_HELPERS))
 
 
 def _int_to_number(value: int) -> float:
@@ -223,9 +219,9 @@ def _int_to_number(value: int) -> float:
     return float(value)
 
 
-def to_lua(lua: Any, value: Any) -> Any:
+def to_lua(lua: Any, value: Any, helpers: "_Helpers | None" = None) -> Any:
     """``value`` as Fluent Bit hands a decoded msgpack value to Lua (see module docstring)."""
-    return _to_lua(lua, _helpers(lua), value, 0)
+    return _to_lua(lua, helpers or _helpers(lua), value, 0)
 
 
 def _to_lua(lua: Any, h: Any, value: Any, depth: int) -> Any:
@@ -244,7 +240,7 @@ def _to_lua(lua: Any, h: Any, value: Any, depth: int) -> Any:
     if isinstance(value, msgpack.ExtType):
         return bytes(value.data)
     if isinstance(value, dict):
-        table = h.new_table(FLB_LUA_L2C_TYPE_MAP)
+        table = h.new_table(FLB_LUA_L2C_TYPE_MAP, 0, len(value))
         for key, item in value.items():
             lkey = _to_lua(lua, h, key, depth + 1)
             if lkey is None or (isinstance(lkey, float) and math.isnan(lkey)):
@@ -253,7 +249,7 @@ def _to_lua(lua: Any, h: Any, value: Any, depth: int) -> Any:
             h.settable(table, lkey, _to_lua(lua, h, item, depth + 1))
         return table
     if isinstance(value, (list, tuple)):
-        table = h.new_table(FLB_LUA_L2C_TYPE_ARRAY)
+        table = h.new_table(FLB_LUA_L2C_TYPE_ARRAY, len(value), 0)
         for index, item in enumerate(value, start=1):
             h.rawset(table, index, _to_lua(lua, h, item, depth + 1))
         return table
@@ -277,10 +273,10 @@ def _string(value: bytes) -> str | bytes:
         return value
 
 
-def from_lua(value: Any, lua: Any | None = None) -> Any:
+def from_lua(value: Any, lua: Any | None = None, helpers: "_Helpers | None" = None) -> Any:
     """A Lua value as Fluent Bit packs it (see module docstring); ``lua`` is the runtime that
     owns ``value`` (needed only for tables)."""
-    return _from_lua(value, lua, None, raw=False)
+    return _from_lua(value, lua, helpers, raw=False)
 
 
 def _from_lua(value: Any, lua: Any, h: Any, raw: bool) -> Any:
@@ -402,7 +398,7 @@ class FilterHarness:
             lua_ts = table
         else:
             lua_ts = float(timestamp)
-        lua_record = to_lua(self.lua, record)
+        lua_record = to_lua(self.lua, record, self._h)
         fn = self.lua.globals()[self._fn_name]
         result = self._h.call(fn, tag.encode("utf-8"), lua_ts, lua_record)
         if not isinstance(result, tuple):
@@ -416,7 +412,7 @@ class FilterHarness:
         if l_code == -1:
             return -1, timestamp, None
         if l_code in (1, 2):
-            new_record = from_lua(returned[2], self.lua)
+            new_record = from_lua(returned[2], self.lua, self._h)
             records = _checked_result(new_record, self.script, self.call_name)
             ts_out = new_ts if l_code == 1 else timestamp
             return l_code, ts_out, records
@@ -461,7 +457,6 @@ class FilterHarness:
 
     def close(self) -> None:
         """What ``lua_close`` does on a clean shutdown: a full GC closes open ``io`` files."""
-        _HELPER_CACHE.pop(id(self.lua), None)
         self.lua.execute(b"collectgarbage('collect'); collectgarbage('collect')")
 
 
