@@ -186,6 +186,18 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def send_error(self, code, message=None, explain=None):
+        """Protocol-level errors (unparsable request line, headers) in the service's JSON form."""
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            return  # not HTTP/1.x: there is no status line to answer with
+        self.request_id = str(uuid.uuid4())
+        try:
+            self._error(code, "BadRequest" if code < 500 else "InternalFailure",
+                        message or self.responses.get(code, ("Malformed HTTP request",))[0])
+        except OSError:
+            pass
+
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -231,6 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._drain_body()
                 self._error(404, "UnknownOperationException",
                             f"No operation {self.command} {parts.path}")
+        except ApiError as exc:  # found before a route could answer (e.g. unreadable body)
+            self._error(exc.status, exc.code, exc.message)
         except ConnectionError:
             self.close_connection = True
         except Exception:
@@ -316,13 +330,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiErrorBeforeBody(411, "LengthRequiredException",
                                      "Chunked bodies are not supported: send Content-Length.")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            return None
+        text = self.headers.get("Content-Length", "0").strip()
+        if not text.isdigit():
+            self.close_connection = True  # where this body ends is unknown
+            raise ApiErrorBeforeBody(400, "BadRequest",
+                                     "Content-Length must be a non-negative integer.")
+        length = int(text)
         if length > cap:
             if length > DRAIN_LIMIT:
                 self.close_connection = True
