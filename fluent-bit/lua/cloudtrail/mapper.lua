@@ -279,11 +279,12 @@ local function compile_kind(e)
     if not fns then return nil, err end
     local n = #keys
     return function(rec, tag, ts, vars)
-      local out = setmetatable({}, MAP_MT)
+      local out, any = setmetatable({}, MAP_MT), false
       for i = 1, n do
         local v = fns[i](rec, tag, ts, vars)
-        if v ~= nil then out[keys[i]] = v end
+        if v ~= nil then out[keys[i]] = v; any = true end
       end
+      if not any then return nil end   -- no member present: the object is absent too
       return out
     end
   elseif k == "hash" then

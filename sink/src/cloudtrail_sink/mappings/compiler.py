@@ -401,10 +401,13 @@ def _condition(f: _File, node: Node, where: str) -> dict | None:
             f.err(node, where, "null is not a value to compare with; use {exists: false}")
             return None
         return {"op": "equals", "value": value}
+    before = len(f.problems)
     keys = _keys(f, node, where, CONDITION_OPS)
     if keys is None:
         return None
     if len(keys) != 1:
+        if len(f.problems) != before:
+            return None
         f.err(node, where, f"give exactly one of {', '.join(CONDITION_OPS)}")
         return None
     op, (kn, vn) = next(iter(keys.items()))
@@ -473,12 +476,13 @@ def _expr(f: _File, node: Node, where: str, step_names: set[str]) -> dict | None
         f.err(node, where, "a list is not an expression: use 'first: [...]' for fallbacks or "
               "'literal: [...]' for a list value")
         return None
+    before = len(f.problems)
     keys = _keys(f, node, where, EXPR_KINDS + ("default", "format"))
     if keys is None:
         return None
     kinds = [k for k in keys if k in EXPR_KINDS]
     if len(kinds) != 1:
-        if keys or not kinds:
+        if len(f.problems) == before:
             f.err(node, where, f"give exactly one of {', '.join(EXPR_KINDS)}")
         return None
     kind = kinds[0]
@@ -580,6 +584,24 @@ def _literal_problem(value: Any) -> str | None:
     return None
 
 
+def _record_problem(value: Any) -> str | None:
+    """Records may hold anything JSON/msgpack can (null, big integers), but not YAML dates."""
+    import datetime
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return "YAML read a value as a date: quote it to make it a string"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            p = _record_problem(k) or _record_problem(v)
+            if p:
+                return p
+    if isinstance(value, list):
+        for v in value:
+            p = _record_problem(v)
+            if p:
+                return p
+    return None
+
+
 TEMPLATE_TOKEN_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 
@@ -667,8 +689,8 @@ def _example(f: _File, node: Node, index: int) -> Example | None:
         record = f.construct(keys["record"][1])
         if not isinstance(record, dict):
             f.err(keys["record"][1], f"{where}.record", "expected a mapping (the record)")
-        elif _literal_problem(record):
-            f.err(keys["record"][1], f"{where}.record", _literal_problem(record) or "")
+        elif _record_problem(record):
+            f.err(keys["record"][1], f"{where}.record", _record_problem(record) or "")
     expect = rejected = None
     if ("expect" in keys) == ("expect_rejected" in keys):
         f.err(node, where, "give exactly one of expect (the eventData) or expect_rejected "
