@@ -21,6 +21,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 STANDIN_MAPPER = HERE / "standin_mapper.lua"
 START = 1_764_237_600.0  # 2025-11-27T10:00:00Z
 ACCOUNT = "123456789012"
+STANDIN_RULES = 'return { format = 1, rules = { { tag_prefix = "app." } } }\n'
 
 
 def lua_str(text: str | os.PathLike) -> str:
@@ -80,7 +81,7 @@ def spool(tmp_path) -> pathlib.Path:
 @pytest.fixture
 def standin_mappings(tmp_path) -> pathlib.Path:
     path = tmp_path / "mappings.lua"
-    path.write_text('return { format = 1, rules = { { tag_prefix = "app." } } }\n')
+    path.write_text(STANDIN_RULES)
     return path
 
 

@@ -12,7 +12,7 @@
 --     A bad number is reported in `problems` and its default used.
 --   filter.new(cfg, deps) -> f   (deps: clock, log, mapper = module with new(), all optional)
 --     Prepares the spool (creates missing folders, publishes what a crash left in tmp/) and
---     loads the mappings: loadfile in an EMPTY environment (the file is data only and cannot
+--     loads the mappings: loadfile (text only, no bytecode) in an EMPTY environment (the file is data only and cannot
 --     call anything), then mapper.new(table). A missing or broken mappings file or mapper is
 --     not fatal: every record is then rejected with that reason (and one log line).
 --   f:process(tag, timestamp, record) -> code, timestamp, record   (filter_lua's contract)
@@ -110,9 +110,10 @@ local function stderr_logger(clock)
 end
 M.stderr_logger = stderr_logger
 
--- loadfile in an empty environment: the compiled mappings are data only.
+-- loadfile as text only (bytecode could crash the VM) in an empty environment: the compiled
+-- mappings are data only.
 function M.load_mappings(path)
-  local chunk, err = loadfile(path)
+  local chunk, err = loadfile(path, "t")
   if not chunk then return nil, "cannot load mappings " .. tostring(path) .. ": " .. tostring(err) end
   setfenv(chunk, {})
   local ok, value = pcall(chunk)
