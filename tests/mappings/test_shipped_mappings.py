@@ -7,6 +7,7 @@ real line takes.
 
 from __future__ import annotations
 
+import pathlib
 import re
 import shutil
 
@@ -15,7 +16,7 @@ from cloudtrail_sink.cli import main
 from cloudtrail_sink.mappings import LuaMapper, check_examples, compile_files
 from cloudtrail_sink.mappings.runner import filled
 
-from tests.mappings.conftest import SHIPPED
+SHIPPED = pathlib.Path(__file__).resolve().parents[2] / "mappings"
 
 # Fluent Bit's parsers.conf: syslog-rfc5424
 RFC5424 = re.compile(r"^\<(?P<pri>[0-9]{1,5})\>1 (?P<time>[^ ]+) (?P<host>[^ ]+) (?P<ident>[^ ]+) "

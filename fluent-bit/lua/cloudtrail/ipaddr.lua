@@ -34,7 +34,7 @@ end
 local function valid_v6(s)
   if #s < 2 or #s > 45 or find(s, "[^%x:%.]") then return false end
   local v4 = match(s, ":([%d%.]+)$")
-  if v4 and find(v4, "%.", 1, true) then
+  if v4 and find(v4, ".", 1, true) then
     if not valid_v4(v4) then return false end
     s = sub(s, 1, #s - #v4) .. "0:0"     -- the IPv4 tail counts as two groups
   elseif find(s, ".", 1, true) then
