@@ -425,15 +425,15 @@ local function preview_object(obj, limit, extra_list)
   local text = json_encode(obj)
   local p = setmetatable({ truncated = true, originalBytes = original, preview = "" }, MAP_MT)
   if extra_list then p.truncatedFields = extra_list end
-  local avail = limit - json_size(p)
-  local cutlen = avail
-  for _ = 1, 8 do
-    p.preview = cut_utf8(text, cutlen > 0 and cutlen or 0)
-    local over = json_size(p) - limit
-    if over <= 0 then return p end
-    cutlen = #p.preview - over
+  -- the longest prefix whose escaped form still fits: escaping can double a byte or more, so
+  -- search instead of guessing
+  local lo, hi = 0, #text < limit and #text or limit
+  while lo < hi do
+    local mid = floor((lo + hi + 1) / 2)
+    p.preview = cut_utf8(text, mid)
+    if json_size(p) <= limit then lo = mid else hi = mid - 1 end
   end
-  p.preview = ""
+  p.preview = cut_utf8(text, lo)
   return p
 end
 
