@@ -77,19 +77,24 @@ def parse_channels(values: list[str]) -> dict[str, str | None] | None:
     return channels
 
 
+def _parse_faults(text: str, faults_type):
+    try:
+        return faults_type.from_dict(json.loads(text))
+    except ValueError as exc:
+        raise ValueError(f"--faults: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
     from ..emulator import Emulator, Faults
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = args.secret_key or os.environ.get("CLOUDTRAIL_EMULATOR_SECRET_KEY")
     try:
         host, port = parse_listen(args.listen)
         if (args.access_key is None) != (secret is None):
             raise ValueError("--access-key and --secret-key go together")
-        faults = Faults.from_dict(json.loads(args.faults)) if args.faults else Faults()
+        faults = _parse_faults(args.faults, Faults) if args.faults else Faults()
         emulator = Emulator(args.db, host=host, port=port,
                             channels=parse_channels(args.channel),
                             quota_per_second=args.quota, faults=faults, seed=args.seed,
@@ -98,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cloudtrail-sink emulator: {exc}", file=sys.stderr)
         return 2
 
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
 
     def on_signal(signum, frame):

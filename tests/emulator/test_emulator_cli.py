@@ -1,0 +1,121 @@
+"""``cloudtrail-sink emulator``: options, startup log, clean exit on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from emusupport import ACCOUNT, CHANNEL_ARN, batch, client
+
+
+class Running:
+    def __init__(self, proc, url, log):
+        self.proc, self.url, self.log = proc, url, log
+
+
+@pytest.fixture
+def run_cli(aws_env):
+    procs = []
+
+    def start(*args):
+        proc = subprocess.Popen([sys.executable, "-m", "cloudtrail_sink", "emulator", *args],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        procs.append(proc)
+        log = []
+        for line in proc.stderr:
+            log.append(line)
+            if line.startswith("emulator ready at "):
+                return Running(proc, line.split()[-1], log)
+        proc.wait()
+        raise AssertionError("emulator did not start:\n" + "".join(log))
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stderr.close()
+
+
+def _stop(running, sig=signal.SIGTERM) -> str:
+    running.proc.send_signal(sig)
+    rest = running.proc.stderr.read()
+    assert running.proc.wait(timeout=30) == 0
+    return "".join(running.log) + rest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serves_configured_channel_and_stops_cleanly(run_cli, tmp_path, sig):
+    db = tmp_path / "cli.sqlite"
+    running = run_cli("--listen", "127.0.0.1:0", "--db", str(db),
+                      "--channel", f"{CHANNEL_ARN},ext-123", "--seed", "3")
+    assert running.url.startswith("http://127.0.0.1:")
+
+    emu = type("E", (), {"url": running.url})
+    c = client(emu)
+    with pytest.raises(c.exceptions.ChannelInsufficientPermission):
+        c.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(1))
+    ok = c.put_audit_events(channelArn=CHANNEL_ARN, externalId="ext-123", auditEvents=batch(2))
+    assert len(ok["successful"]) == 2
+
+    log = _stop(running, sig)
+    assert "external id required" in log
+    assert "ext-123" not in log  # the external id is a secret: never logged
+    assert "emulator stopped" in log
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2
+    finally:
+        con.close()
+
+
+def test_open_mode_is_announced_and_faults_quota_options_apply(run_cli, tmp_path):
+    running = run_cli("--listen", "127.0.0.1:0", "--db", str(tmp_path / "o.sqlite"),
+                      "--faults", '{"event_throttling_rate": 1.0}', "--quota", "0")
+    emu = type("E", (), {"url": running.url})
+    other = f"arn:aws:cloudtrail:us-east-1:{ACCOUNT}:channel/11111111-2222-3333-4444-555555555555"
+    response = client(emu).put_audit_events(channelArn=other, auditEvents=batch(3))
+    assert [f["errorCode"] for f in response["failed"]] == ["Throttling"] * 3
+    log = _stop(running)
+    assert "any well-formed channel ARN (open mode" in log
+
+
+def test_access_key_makes_it_verify_signatures(run_cli, tmp_path):
+    running = run_cli("--listen", "127.0.0.1:0", "--db", str(tmp_path / "k.sqlite"),
+                      "--access-key", "AKIDCLI", "--secret-key", "cli-secret")
+    emu = type("E", (), {"url": running.url})
+    good = client(emu, aws_access_key_id="AKIDCLI", aws_secret_access_key="cli-secret")
+    assert len(good.put_audit_events(channelArn=CHANNEL_ARN,
+                                     auditEvents=batch(1))["successful"]) == 1
+    bad = client(emu, aws_access_key_id="AKIDCLI", aws_secret_access_key="other")
+    with pytest.raises(Exception) as excinfo:
+        bad.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(1))
+    assert excinfo.value.response["Error"]["Code"] == "InvalidSignatureException"
+    assert "cli-secret" not in _stop(running)
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--faults", '{"nope": 1}'], "nope"),
+    (["--faults", "{not json"], "faults"),
+    (["--faults", '{"throttle_rate": 2}'], "throttle_rate"),
+    (["--channel", "arn:aws:cloudtrail:us-east-1:1:channel/x"], "arn:aws:cloudtrail:us-east-1:1"),
+    (["--channel", f"{CHANNEL_ARN},x"], "external id"),
+    (["--listen", "8000"], "--listen"),
+    (["--listen", "127.0.0.1:http"], "port"),
+    (["--access-key", "AKID"], "--secret-key"),
+], ids=["unknown-fault", "faults-not-json", "rate-out-of-range", "bad-channel",
+        "bad-external-id", "listen-no-host", "listen-bad-port", "key-without-secret"])
+def test_bad_options_exit_2_naming_the_problem(tmp_path, monkeypatch, capsys, args, word):
+    from cloudtrail_sink.cli import main
+
+    monkeypatch.delenv("CLOUDTRAIL_EMULATOR_SECRET_KEY", raising=False)
+    # In-process: these fail before anything is started, so no process is needed.
+    assert main(["emulator", "--db", str(tmp_path / "x.sqlite"), *args]) == 2
+    assert word in capsys.readouterr().err
+    assert not (tmp_path / "x.sqlite").exists()
