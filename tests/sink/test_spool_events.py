@@ -155,8 +155,9 @@ def test_entry_size_is_exactly_what_botocore_sends():
                           aws_access_key_id="a", aws_secret_access_key="b")
     serializer = client._serializer
     op = client.meta.service_model.operation_model("PutAuditEvents")
-    built = [events.build({"eventData": event(i, pad=i * 7, eventName='q"\\\n\u2028é😀')}, ACCOUNT)
-             for i in range(5)]
+    names = ['q"\\\n\u2028é😀', 'ascii "quoted" \\ back\x7fdel\x01ctl', "plain"]
+    built = [events.build({"eventData": event(i, pad=i * 7, eventName=names[i % 3])}, ACCOUNT)
+             for i in range(6)]
     entries = [b.entry() for b in built]
     req = serializer.serialize_to_request({"auditEvents": entries, "channelArn": "arn"}, op)
     assert len(req["body"]) == events.request_size([b.size for b in built])

@@ -192,15 +192,25 @@ def valid_event_time(value: Any) -> bool:
     if not isinstance(value, str) or not EVENT_TIME_RE.match(value):
         return False
     try:
-        _dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+        # The datetime constructor checks the same ranges as strptime, at a tenth of its cost
+        # (this runs once per event in the sink).
+        _dt.datetime(int(value[0:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]),
+                     int(value[14:16]), int(value[17:19]))
     except ValueError:
         return False
     return True
 
 
+_IPV4_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# Exactly what ipaddress.IPv4Address accepts (no leading zeros), checked without its overhead.
+_IPV4_RE = re.compile(rf"\A{_IPV4_OCTET}(?:\.{_IPV4_OCTET}){{3}}\Z")
+
+
 def valid_ip(value: Any) -> bool:
     if not isinstance(value, str):
         return False
+    if _IPV4_RE.match(value):
+        return True
     try:
         ipaddress.ip_address(value)
     except ValueError:
