@@ -1,0 +1,135 @@
+"""At-least-once under crashes: SIGKILL the sink at random moments while it delivers 50,000
+events to an emulator that throttles requests, answers 5xx, fails single events with
+``Throttling``/``InternalFailure`` and adds latency; then let one last sink drain the spool.
+
+What a user relies on, checked here:
+- zero lost: every UID written to the spool is stored by the emulator;
+- nothing invented: the emulator stores no UID that was never written;
+- nothing left behind: ``ready/`` is empty, and no retryable fault ended in ``failed/`` or
+  ``quarantine/``;
+- the duplicate count (events stored more than once because a kill hit them in flight) is
+  printed, not asserted to be zero: at-least-once allows duplicates, and the figure is published.
+
+Kill moments come from a seeded RNG (``SEED``), so a failing run can be replayed; part of the
+events are written by a concurrent writer while the kills happen, so new segments also arrive
+while sinks restart.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import threading
+import time
+
+import pytest
+
+import relsupport
+from relsupport import CHANNEL_ARN
+
+SEED = 20261127
+N_EVENTS = 50_000
+N_PREFILLED = 40_000            # the rest arrives from a concurrent writer during the kills
+KILLS = 12
+SEGMENT_EVENTS = 500
+EVENT_PAD = 200                 # ~500-byte events: realistic, and keeps the run within minutes
+FAULTS = dict(throttle_rate=0.05, error_5xx_rate=0.03, event_throttling_rate=0.02,
+              event_internal_failure_rate=0.02, latency_ms=5)
+QUOTA_PER_SECOND = 100.0
+DRAIN_TIMEOUT = 240
+
+
+def _uid(i: int) -> str:
+    return f"rel-{SEED}-{i:06d}"
+
+
+def _write_events(spool, first: int, last: int, pause: float = 0.0) -> None:
+    from cloudtrail_sink.spool import SpoolWriter
+
+    writer = SpoolWriter(spool, kind="cli", max_events=SEGMENT_EVENTS)
+    try:
+        for i in range(first, last):
+            writer.write(relsupport.make_event(_uid(i), pad=EVENT_PAD), tag="reliability")
+            if pause and (i + 1) % SEGMENT_EVENTS == 0:
+                time.sleep(pause)
+    finally:
+        writer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_sigkill_at_random_moments_loses_nothing(tmp_path, procs, sink_env, capsys):
+    from cloudtrail_sink.emulator import Emulator, Faults
+
+    rng = random.Random(SEED)
+    spool = tmp_path / "spool"
+    _write_events(spool, 0, N_PREFILLED)
+
+    emu = Emulator(db_path=tmp_path / "emulator.sqlite", host="127.0.0.1", port=0,
+                   channels={CHANNEL_ARN: None}, quota_per_second=QUOTA_PER_SECOND,
+                   faults=Faults(**FAULTS), seed=SEED)
+    emu.start()
+    writer_error: list[BaseException] = []
+
+    def concurrent_writer():
+        try:
+            _write_events(spool, N_PREFILLED, N_EVENTS, pause=0.3)
+        except BaseException as exc:  # reported by the main thread
+            writer_error.append(exc)
+
+    writer = threading.Thread(target=concurrent_writer, name="reliability-writer")
+    try:
+        cmd = relsupport.sink_cmd(spool, emu.url, CHANNEL_ARN, "--rescan-seconds", "2")
+        writer.start()
+        kill_log = []
+        for n in range(KILLS):
+            proc = procs.start(cmd, sink_env, name=f"sink-{n:02d}")
+            accepted_at_start = emu.stats()["accepted"]
+            # Wait until this sink delivered something (so the kill lands mid-delivery), then kill
+            # after a random extra delay.
+            relsupport.wait_for(
+                lambda: proc.poll() is not None or emu.stats()["accepted"] > accepted_at_start,
+                timeout=60, what=f"sink #{n} to deliver")
+            assert proc.poll() is None, (
+                f"sink #{n} exited by itself with {proc.returncode}:\n{procs.tail(proc)}")
+            time.sleep(rng.uniform(0.0, 1.2))
+            procs.kill(proc)
+            assert proc.returncode == -9, f"sink #{n} ended with {proc.returncode} before the kill"
+            kill_log.append(emu.stats()["accepted"])
+        writer.join(timeout=120)
+        assert not writer.is_alive() and not writer_error, writer_error
+
+        # The kills must have hit a sink with work left to do, or they prove nothing.
+        remaining = relsupport.spool_files(spool, "ready")
+        assert remaining, "the spool drained before the last kill: raise N_EVENTS or the faults"
+
+        final = procs.start(cmd + ["--drain"], sink_env, name="sink-final")
+        code = relsupport.wait_exit(final, DRAIN_TIMEOUT)
+        assert code == 0, f"final --drain sink: exit {code}\n{procs.tail(final)}"
+
+        stored = relsupport.stored_uids(emu)
+        counts = collections.Counter(stored)
+        expected = {_uid(i) for i in range(N_EVENTS)}
+        lost = expected - counts.keys()
+        invented = counts.keys() - expected
+        duplicates = len(stored) - len(counts)
+        stats = emu.stats()
+        with capsys.disabled():
+            print(f"\n[reliability] {N_EVENTS} events, {KILLS} SIGKILLs (seed {SEED}): "
+                  f"lost={len(lost)} duplicates={duplicates} "
+                  f"stored={len(stored)} requests={dict(stats.get('requests', {}))} "
+                  f"per-event failures={dict(stats.get('failed', {}))} "
+                  f"accepted at each kill={kill_log}")
+        assert not lost, f"{len(lost)} events lost, e.g. {sorted(lost)[:5]}"
+        assert not invented, f"stored UIDs never written: {sorted(invented)[:5]}"
+        assert relsupport.spool_files(spool, "ready") == []
+        assert relsupport.failed_lines(spool) == [], "a retryable fault was dead-lettered"
+        assert relsupport.spool_files(spool, "quarantine") == []
+        # The faults really happened (otherwise this is a plain delivery test).
+        failed_codes = stats.get("failed", {})
+        assert failed_codes.get("Throttling", 0) > 0 and failed_codes.get("InternalFailure", 0) > 0
+    finally:
+        procs.cleanup()
+        writer.join(timeout=60)
+        emu.stop()
