@@ -1,0 +1,88 @@
+"""`cloudtrail-sink rejected list|show|replay` on rejected/ files written by the Lua filter."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+from cloudtrail_sink import cli
+from cloudtrail_sink.mappings import compile_files
+from cloudtrail_sink.schema import check_event
+
+from .conftest import ACCOUNT, START, read_folder
+
+MAPPINGS = pathlib.Path(__file__).resolve().parents[2] / "mappings"
+SSHD = ("Accepted publickey for alice from 192.0.2.7 port 50022 ssh2")
+
+
+def reject_some(lua_filter, spool):
+    f = lua_filter()  # stand-in rules: only app.* maps
+    f.call("syslog", START, {"ident": "sshd", "host": "web1", "pid": "7", "time": "Nov 27 10:00:00",
+                             "message": SSHD})
+    f.call("other", START + 1, {"msg": "x", "raw": b"\xff\xfe", "list": [], "map": {}})
+    f.seal()
+
+
+def compiled(tmp_path, files) -> str:
+    path = tmp_path / "compiled.lua"
+    path.write_text(compile_files(files, defaults={"recipientAccountId": ACCOUNT}).lua_text())
+    return str(path)
+
+
+def test_list_and_show(lua_filter, spool, capsys):
+    reject_some(lua_filter, spool)
+    assert cli.main(["rejected", "list", "--spool-dir", str(spool)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[1] == "syslog"
+    assert "no rule matched" in lines[1] and "x" not in lines[1].split("\t")[3:]
+    assert "2 rejected record(s)" in err
+    assert cli.main(["rejected", "show", "--spool-dir", str(spool)]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr()[0].splitlines()]
+    assert shown[1]["record"] == {"msg": "x", "raw": {"$base64": "//4="}, "list": [], "map": {}}
+
+
+def test_replay_maps_what_the_fixed_rules_take_and_keeps_the_rest(lua_filter, spool, tmp_path,
+                                                                  capsys):
+    reject_some(lua_filter, spool)
+    [rej] = os.listdir(spool / "rejected")
+    rules = compiled(tmp_path, sorted(p for p in MAPPINGS.glob("*.yaml") if "catch-all" not in p.name))
+    assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings", rules,
+                     "--dry-run"]) == 0
+    assert "would replay 1 record(s); 1 would stay rejected" in capsys.readouterr()[0]
+    assert os.listdir(spool / "ready") == []
+
+    assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings", rules]) == 0
+    [event] = read_folder(spool, "ready", ".seg")
+    assert os.listdir(spool / "ready")[0].split("-")[1].startswith("replay_")
+    assert event["tag"] == "syslog" and event["time"] == START
+    assert event["eventData"]["eventName"] == "AcceptedLogin"
+    assert check_event(event["eventData"], ACCOUNT) is None
+    [left] = read_folder(spool, "rejected", ".rej")
+    assert left["record"] == {"msg": "x", "raw": b"\xff\xfe", "list": [], "map": {}}
+    assert os.listdir(spool / "rejected") == [rej]  # replaced in place
+
+    # with the catch-all rule everything maps and the file goes away
+    everything = compiled(tmp_path, [MAPPINGS])
+    assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings", everything]) == 0
+    assert os.listdir(spool / "rejected") == []
+    assert len(read_folder(spool, "ready", ".seg")) == 2
+
+
+def test_a_truncated_file_is_reported_and_left_alone(lua_filter, spool, tmp_path, capsys):
+    reject_some(lua_filter, spool)
+    [rej] = (spool / "rejected").iterdir()
+    data = rej.read_bytes()
+    rej.write_bytes(data[:-3])
+    everything = compiled(tmp_path, [MAPPINGS])
+    assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings", everything]) == 1
+    assert "truncated" in capsys.readouterr()[1]
+    assert rej.read_bytes() == data[:-3] and os.listdir(spool / "ready") == []
+
+
+def test_replay_with_a_missing_mappings_file_fails_clearly(spool, capsys):
+    os.makedirs(spool)
+    assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings",
+                     str(spool / "nope.lua")]) == 1
+    assert "nope.lua" in capsys.readouterr()[1]
