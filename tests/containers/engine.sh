@@ -120,6 +120,7 @@ cmd_base_image() {
     rm -rf "$rootfs"
     return 1
   fi
+  chmod 0755 "$rootfs"  # mktemp made it 0700: the image's / must be traversable by non-root
   # Keep the image small: vfs copies the whole rootfs for every layer built on top of it.
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
          "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/*

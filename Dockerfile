@@ -1,0 +1,98 @@
+# Two images from one file (classic builder and BuildKit alike):
+#
+#   docker build --target sink       -t cloudtrail-lake-shipper/sink:local .
+#   docker build --target fluent-bit -t cloudtrail-lake-shipper/fluent-bit:local .
+#
+# `sink` runs `cloudtrail-sink` (also the emulator: `cloudtrail-sink emulator ...`) as uid 10001;
+# `fluent-bit` is the official Fluent Bit image plus our YAML config, Lua filter and the mapping
+# rules of mappings/*.yaml compiled during the build (a broken rule fails the build with the
+# compiler's message). Base images are build args so a mirror or a locally made image can stand
+# in; pip settings (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, PIP_TRUSTED_HOST, PIP_CERT) may be
+# passed as build args for private mirrors. See docs/deploy.md.
+#
+# The spool (docs/spool.md) is shared by both containers: both images hold the same skeleton,
+# owned by uid/gid 10001 with setgid, group-writable folders, so a fresh named volume or hostPath
+# prepared the same way is writable by the sink (10001) and by Fluent Bit (uid 0 or 10001 with
+# gid 10001), and files Fluent Bit writes stay readable and deletable by the sink.
+
+ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
+ARG FLUENT_BIT_IMAGE=fluent/fluent-bit:5.1.1
+
+# ---------------------------------------------------------------------------------------------
+# Build stage: the sink's virtualenv.
+FROM ${PYTHON_IMAGE} AS sink-build
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+COPY sink/ /src/sink/
+COPY deploy/docker/healthcheck.py /opt/cloudtrail-sink/healthcheck.py
+RUN python3 -m venv /opt/cloudtrail-sink \
+ && /opt/cloudtrail-sink/bin/pip install --no-cache-dir /src/sink \
+ && /opt/cloudtrail-sink/bin/python -m compileall -q /opt/cloudtrail-sink/healthcheck.py
+
+# ---------------------------------------------------------------------------------------------
+# The sink (and emulator): non-root, nothing written outside its volumes, so
+# `--read-only` / readOnlyRootFilesystem work.
+FROM ${PYTHON_IMAGE} AS sink
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="cloudtrail-lake-shipper-sink" \
+      org.opencontainers.image.description="Delivers spooled audit events to AWS CloudTrail Lake (PutAuditEvents), at least once; also the local CloudTrail Data emulator" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+SHELL ["/bin/sh", "-eu", "-c"]
+RUN groupadd --system --gid 10001 cloudtrail \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin cloudtrail \
+ && install -d -m 2770 -o 10001 -g 10001 /var/spool/cloudtrail /var/spool/cloudtrail/tmp \
+      /var/spool/cloudtrail/ready /var/spool/cloudtrail/failed /var/spool/cloudtrail/rejected \
+      /var/spool/cloudtrail/quarantine /var/lib/cloudtrail-emulator
+COPY --from=sink-build /opt/cloudtrail-sink /opt/cloudtrail-sink
+ENV PATH=/opt/cloudtrail-sink/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CLOUDTRAIL_SPOOL_DIR=/var/spool/cloudtrail \
+    CLOUDTRAIL_SINK_LISTEN=0.0.0.0:9464
+USER 10001:10001
+EXPOSE 9464
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
+  CMD ["/opt/cloudtrail-sink/bin/python", "/opt/cloudtrail-sink/healthcheck.py"]
+ENTRYPOINT ["cloudtrail-sink"]
+CMD ["run"]
+
+# ---------------------------------------------------------------------------------------------
+# Build stage: mappings/*.yaml compiled to the data-only Lua file the filter loads, and the
+# folder skeletons for the Fluent Bit image (which has no shell to make them). Comes after `sink`
+# so that `--target sink` does not need it.
+FROM sink-build AS mappings
+COPY mappings/ /src/mappings/
+SHELL ["/bin/sh", "-eu", "-c"]
+RUN mkdir -p /out \
+ && /opt/cloudtrail-sink/bin/cloudtrail-sink mappings compile /src/mappings/*.yaml \
+      -o /out/cloudtrail-mappings.lua \
+ && install -d -m 2770 -o 10001 -g 10001 /out/spool /out/spool/tmp /out/spool/ready \
+      /out/spool/failed /out/spool/rejected /out/spool/quarantine /out/fluent-bit-state
+
+# ---------------------------------------------------------------------------------------------
+# Fluent Bit with our configuration. The official image is distroless (no shell): COPY only.
+FROM ${FLUENT_BIT_IMAGE} AS fluent-bit
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="cloudtrail-lake-shipper-fluent-bit" \
+      org.opencontainers.image.description="Fluent Bit with the CloudTrail Lake mapping filter; writes the spool the sink delivers" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+COPY fluent-bit/ /fluent-bit/etc/
+COPY --from=mappings /out/cloudtrail-mappings.lua /fluent-bit/etc/cloudtrail-mappings.lua
+COPY --from=mappings --chown=10001:10001 /out/spool/ /var/spool/cloudtrail/
+COPY --from=mappings --chown=10001:10001 /out/fluent-bit-state/ /var/lib/fluent-bit/
+ENV CLOUDTRAIL_SPOOL_DIR=/var/spool/cloudtrail \
+    CLOUDTRAIL_MAPPINGS=/fluent-bit/etc/cloudtrail-mappings.lua
+CMD ["-c", "/fluent-bit/etc/fluent-bit.yaml"]

@@ -1,0 +1,154 @@
+"""Demo source for `docker compose up`: realistic security records sent to Fluent Bit.
+
+Sends, at ``--rate`` records per second (0: send nothing and exit 0, for real-AWS setups):
+
+- OpenSSH sshd logins (accepted and failed) as RFC 3164 syslog lines over TCP (port 5140),
+- NeuVector incidents as RFC 5424 syslog lines (key=value payload) over TCP (port 5140),
+- Falco alerts as JSON records over the Fluent forward protocol (port 24224, tag ``falco``),
+  when the ``msgpack`` module is importable (it is in the sink image), else as more syslog.
+
+Each record is new (fresh timestamps, counters), so the CloudTrail UIDs differ and every event
+shows on the emulator's page. Connection failures are retried every 2 s (Fluent Bit may start
+after this script). Standard library plus optional msgpack; nothing else.
+
+    python demo_source.py --host 127.0.0.1 --rate 2 [--count N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import socket
+import sys
+import time
+
+try:  # Fluent forward needs msgpack; without it Falco alerts are skipped.
+    import msgpack
+except ImportError:  # pragma: no cover - depends on the image
+    msgpack = None
+
+USERS = ["alice", "bob", "deploy", "root", "svc-backup"]
+HOSTS = ["bastion-1", "web-2", "db-1"]
+ADDRS = ["192.0.2.10", "198.51.100.23", "203.0.113.77", "2001:db8::42"]
+
+
+def sshd_line(rng: random.Random, now: float) -> bytes:
+    stamp = time.strftime("%b %e %H:%M:%S", time.gmtime(now))
+    user, ip = rng.choice(USERS), rng.choice(ADDRS)
+    port = rng.randint(30000, 65000)
+    if rng.random() < 0.6:
+        msg = f"Accepted publickey for {user} from {ip} port {port} ssh2: ED25519 SHA256:demo"
+    else:
+        msg = f"Failed password for invalid user {user} from {ip} port {port} ssh2"
+    return f"<38>{stamp} {rng.choice(HOSTS)} sshd[{rng.randint(1000, 60000)}]: {msg}\n".encode()
+
+
+def neuvector_line(rng: random.Random, now: float, seq: int) -> bytes:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now))
+    reported = int(now)
+    proc = rng.choice(["curl", "nc", "wget", "bash"])
+    payload = ",".join([
+        "notification=incident", "name=Process.Profile.Violation", "level=Warning",
+        f"reported_timestamp={reported}",
+        f"reported_at={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))}",
+        "cluster_name=demo.local", "host_name=node-1", f"workload_name=web-{seq % 3}",
+        "workload_domain=default", "workload_image=nginx:1.27", f"proc_name={proc}",
+        f"proc_path=/usr/bin/{proc}", f"proc_cmd={proc} example.com",
+        "proc_effective_user=www-data", "client_ip=", "server_ip=", "action=violate",
+        "group=nv.web.default", f"aggregation_from={reported}", "count=1",
+        "message=Process profile violation",
+    ])
+    return (f"<12>1 {stamp} neuvector-controller-pod-0 /usr/local/bin/controller 12 neuvector - "
+            f"{payload}\n").encode()
+
+
+def falco_record(rng: random.Random, now: float, seq: int) -> dict:
+    user = rng.choice(USERS)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{seq % 1000:03d}000000Z"
+    return {
+        "hostname": rng.choice(HOSTS),
+        "output": f"Warning Sensitive file opened for reading by non-trusted program "
+                  f"(user={user} program=cat file=/etc/shadow)",
+        "priority": "Warning",
+        "rule": "Read sensitive file untrusted",
+        "source": "syscall",
+        "tags": ["filesystem", "mitre_credential_access"],
+        "time": stamp,
+        "uuid": f"demo-{int(now)}-{seq}-{rng.randrange(1 << 30):08x}",
+        "output_fields": {"user.name": user, "proc.name": "cat", "fd.name": "/etc/shadow",
+                          "evt.time": int(now * 1e9)},
+    }
+
+
+def forward_message(tag: str, now: float, record: dict) -> bytes:
+    # Fluent forward "Message" mode: [tag, time, record].
+    return msgpack.packb([tag, int(now), record])
+
+
+class Sender:
+    """One TCP connection per port, reconnected on failure."""
+
+    def __init__(self, host: str, port: int):
+        self.address = (host, port)
+        self.sock: socket.socket | None = None
+
+    def send(self, data: bytes) -> None:
+        while True:
+            try:
+                if self.sock is None:
+                    self.sock = socket.create_connection(self.address, timeout=5)
+                self.sock.sendall(data)
+                return
+            except OSError as exc:
+                print(f"demo: {self.address[0]}:{self.address[1]} not reachable ({exc}); "
+                      "retrying in 2 s", file=sys.stderr, flush=True)
+                self.close()
+                time.sleep(2)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="Fluent Bit host")
+    parser.add_argument("--syslog-port", type=int, default=5140)
+    parser.add_argument("--forward-port", type=int, default=24224)
+    parser.add_argument("--rate", type=float, default=2.0, help="records per second (0: none)")
+    parser.add_argument("--count", type=int, default=0, help="stop after N records (0: never)")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.rate <= 0:
+        print("demo: rate 0, sending nothing", flush=True)
+        return 0
+    rng = random.Random(args.seed)
+    syslog = Sender(args.host, args.syslog_port)
+    forward = Sender(args.host, args.forward_port)
+    print(f"demo: sending {args.rate:g} records/s to {args.host}", flush=True)
+    try:
+        for seq in itertools.count(1):
+            now = time.time()
+            kind = seq % 3
+            if kind == 0 and msgpack is not None:
+                forward.send(forward_message("falco", now, falco_record(rng, now, seq)))
+            elif kind == 1:
+                syslog.send(neuvector_line(rng, now, seq))
+            else:
+                syslog.send(sshd_line(rng, now))
+            if args.count and seq >= args.count:
+                return 0
+            time.sleep(1.0 / args.rate)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        syslog.close()
+        forward.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
