@@ -74,8 +74,7 @@ FROM sink-build AS mappings
 COPY mappings/ /src/mappings/
 SHELL ["/bin/sh", "-eu", "-c"]
 RUN mkdir -p /out \
- && /opt/cloudtrail-sink/bin/cloudtrail-sink mappings compile /src/mappings/*.yaml \
-      -o /out/cloudtrail-mappings.lua \
+ && /opt/cloudtrail-sink/bin/cloudtrail-sink mappings compile /src/mappings -o /out/mappings.lua \
  && install -d -m 2770 -o 10001 -g 10001 /out/spool /out/spool/tmp /out/spool/ready \
       /out/spool/failed /out/spool/rejected /out/spool/quarantine /out/fluent-bit-state
 
@@ -90,9 +89,11 @@ LABEL org.opencontainers.image.title="cloudtrail-lake-shipper-fluent-bit" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
 COPY fluent-bit/ /fluent-bit/etc/
-COPY --from=mappings /out/cloudtrail-mappings.lua /fluent-bit/etc/cloudtrail-mappings.lua
+COPY --from=mappings /out/mappings.lua /fluent-bit/etc/mappings.lua
 COPY --from=mappings --chown=10001:10001 /out/spool/ /var/spool/cloudtrail/
+# Tail positions: /fluent-bit/state (fluent-bit.yaml), /var/lib/fluent-bit (the Kubernetes one).
+COPY --from=mappings --chown=10001:10001 /out/fluent-bit-state/ /fluent-bit/state/
 COPY --from=mappings --chown=10001:10001 /out/fluent-bit-state/ /var/lib/fluent-bit/
 ENV CLOUDTRAIL_SPOOL_DIR=/var/spool/cloudtrail \
-    CLOUDTRAIL_MAPPINGS=/fluent-bit/etc/cloudtrail-mappings.lua
+    CLOUDTRAIL_MAPPINGS=/fluent-bit/etc/mappings.lua
 CMD ["-c", "/fluent-bit/etc/fluent-bit.yaml"]

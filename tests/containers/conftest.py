@@ -24,14 +24,7 @@ os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
 
 import dockerkit  # noqa: E402  (after the environment is set for testcontainers)
 
-IN_CI = os.environ.get("CI") == "true"
-
-
-def unavailable(reason: str):
-    """Skip with ``reason``; under CI=true fail instead, since CI must run these tests."""
-    if IN_CI:
-        pytest.fail(f"CI=true but {reason}", pytrace=False)
-    pytest.skip(reason)
+from dockerkit import unavailable  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,118 @@
+"""Render the kustomizations of deploy/kubernetes: `kubectl kustomize`, else a small renderer.
+
+:func:`render` runs ``kubectl kustomize --load-restrictor LoadRestrictionsNone DIR`` when kubectl
+is on PATH (it embeds kustomize), exactly the command docs/deploy.md gives users.
+
+Without kubectl, :func:`render_minimal` renders the subset of kustomize these manifests use, so
+the schema checks still run: ``resources`` (files and folders holding a kustomization),
+``namespace``, ``labels`` (``pairs``, without selectors), ``configMapGenerator`` (``files``,
+``envs``, ``behavior: replace``), ``images`` (``newName``, ``newTag``) and ``patches`` (inline
+JSON6902 ``add`` / ``replace`` operations with a ``kind`` + ``name`` target). Generated
+ConfigMaps keep their plain names (no hash suffix); anything else it meets is an error, so a
+kustomization that outgrows it fails loudly rather than renders wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import shutil
+import subprocess
+
+import yaml
+
+SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "labels", "configMapGenerator",
+             "images", "patches"}
+
+
+def render(folder: pathlib.Path) -> list[dict]:
+    if shutil.which("kubectl"):
+        proc = subprocess.run(["kubectl", "kustomize", "--load-restrictor",
+                               "LoadRestrictionsNone", str(folder)],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"kubectl kustomize {folder} failed:\n{proc.stderr}")
+        return [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return render_minimal(folder)
+
+
+def _env_file(path: pathlib.Path) -> dict[str, str]:
+    data = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            data[key.strip()] = value
+    return data
+
+
+def _generate(folder: pathlib.Path, spec: dict) -> dict:
+    data: dict[str, str] = {}
+    for item in spec.get("files", []):
+        path = folder / item
+        data[path.name] = path.read_text()
+    for item in spec.get("envs", []):
+        data.update(_env_file(folder / item))
+    unknown = set(spec) - {"name", "files", "envs", "behavior"}
+    if unknown:
+        raise ValueError(f"{folder}: configMapGenerator fields not supported: {sorted(unknown)}")
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": spec["name"]},
+            "data": data}
+
+
+def _pointer_set(doc: dict, path: str, value, op: str) -> None:
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in path.strip("/").split("/")]
+    node = doc
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if op not in ("add", "replace"):
+        raise ValueError(f"patch op {op!r} not supported")
+    node[parts[-1]] = value
+
+
+def _containers(doc: dict):
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    for key in ("initContainers", "containers"):
+        yield from spec.get(key, [])
+
+
+def render_minimal(folder: pathlib.Path) -> list[dict]:
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    unknown = set(kust) - SUPPORTED
+    if unknown:
+        raise ValueError(f"{folder}/kustomization.yaml: fields not supported: {sorted(unknown)}")
+    docs: list[dict] = []
+    for item in kust.get("resources", []):
+        path = (folder / item)
+        if path.is_dir():
+            docs.extend(render_minimal(path))
+        else:
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    for spec in kust.get("configMapGenerator", []):
+        generated = _generate(folder, spec)
+        if spec.get("behavior") == "replace":
+            docs = [d for d in docs if not (d["kind"] == "ConfigMap"
+                                            and d["metadata"]["name"] == spec["name"])]
+        docs.append(generated)
+    for patch in kust.get("patches", []):
+        target = patch["target"]
+        for doc in docs:
+            if doc["kind"] == target["kind"] and doc["metadata"]["name"] == target["name"]:
+                for op in yaml.safe_load(patch["patch"]):
+                    _pointer_set(doc, op["path"], copy.deepcopy(op.get("value")), op["op"])
+    for image in kust.get("images", []):
+        for doc in docs:
+            for container in _containers(doc):
+                name, _, _tag = container["image"].partition(":")
+                if name == image["name"] or name == image.get("newName"):
+                    container["image"] = (f"{image.get('newName', name)}:"
+                                          f"{image.get('newTag', _tag or 'latest')}")
+    for doc in docs:
+        if kust.get("namespace") and doc["kind"] not in ("Namespace", "ClusterRole",
+                                                         "ClusterRoleBinding"):
+            doc["metadata"]["namespace"] = kust["namespace"]
+        for label in kust.get("labels", []):
+            if label.get("includeSelectors"):
+                raise ValueError("labels with includeSelectors not supported")
+            doc["metadata"].setdefault("labels", {}).update(label["pairs"])
+    return docs

