@@ -2,7 +2,7 @@
 
     cloudtrail-sink emulator --listen 127.0.0.1:8000 --db FILE
         [--channel ARN[,EXTERNAL_ID]]... [--quota N] [--faults JSON] [--seed N]
-        [--access-key K --secret-key S]
+        [--access-key K --secret-key S] [--workers N]
 
 Without ``--channel`` every well-formed channel ARN is accepted (said in the startup log).
 Exit status: 0 after a clean stop on a signal, 2 for bad options.
@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     parser.add_argument("--secret-key", default=None, metavar="S",
                         help="secret access key for --access-key (prefer env "
                              "CLOUDTRAIL_EMULATOR_SECRET_KEY: command lines are visible)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes checking events (default: one per CPU, at most 4; "
+                             "0 checks in the serving threads)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         emulator = Emulator(args.db, host=host, port=port,
                             channels=parse_channels(args.channel),
                             quota_per_second=args.quota, faults=faults, seed=args.seed,
+                            workers=args.workers,
                             credentials=(args.access_key, secret) if args.access_key else None)
     except (ValueError, TypeError) as exc:
         print(f"cloudtrail-sink emulator: {exc}", file=sys.stderr)

@@ -8,6 +8,14 @@ answers, per-event failures and latency, deterministically for a given seed.
 """
 
 from .faults import Faults
-from .server import Emulator
 
 __all__ = ["Emulator", "Faults"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that checker worker processes import neither the server nor botocore.
+    if name == "Emulator":
+        from .server import Emulator
+
+        return Emulator
+    raise AttributeError(name)

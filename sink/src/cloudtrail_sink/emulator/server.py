@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import auth
 from .channels import Channels
+from .checker import CheckerPool
 from .faults import FaultDice, Faults
 from .ingest import ApiError, PutAuditEvents
 from .quota import CallQuota
@@ -55,7 +56,7 @@ class Emulator:
                  channels: dict[str, str | None] | None = None, quota_per_second: float = 100.0,
                  faults: Faults | None = None, seed: int = 0,
                  credentials: tuple[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, workers: int | None = 0) -> None:
         self.db_path = db_path
         self.host = host
         self._requested_port = port
@@ -63,6 +64,12 @@ class Emulator:
         self.credentials = credentials
         self.quota = CallQuota(quota_per_second, clock)
         self.dice = FaultDice(faults or Faults(), seed)
+        # Per-event checks can run in worker processes so that they are not bound to one core
+        # (the CLI does this by default); 0 (the default here) keeps them in the serving
+        # threads: nothing to start, which suits tests. None: one per CPU, at most 4.
+        self.workers = default_workers() if workers is None else workers
+        if self.workers < 0:
+            raise ValueError("workers must be 0 or more")
         self._stats = Stats()
         self._store: EventStore | None = None
         self._server: _Server | None = None
@@ -75,7 +82,9 @@ class Emulator:
         if self._server is not None:
             raise RuntimeError("emulator already started")
         self._store = EventStore(self.db_path)
-        self._put = PutAuditEvents(self._store, self.channels, self.quota, self.dice)
+        self._checker = CheckerPool(self.workers)
+        self._put = PutAuditEvents(self._store, self.channels, self.quota, self.dice,
+                                   self._checker)
         try:
             self._server = _Server((self.host, self._requested_port), _Handler, self)
         except BaseException:
@@ -90,6 +99,8 @@ class Emulator:
             log.info("channel: %s", line)
         log.info("signature check: %s", "verified against the configured access key"
                  if self.credentials else "form only (no --access-key given)")
+        log.info("event checks: %s", f"{self.workers} worker process(es)" if self.workers
+                 else "in the serving threads")
         return self
 
     def stop(self) -> None:
@@ -101,6 +112,7 @@ class Emulator:
         self._store.close()  # wakes long-polling page readers
         self._server.server_close()  # joins the connection threads
         self._thread.join()
+        self._checker.close()
         self._server = None
         log.info("emulator stopped")
 
@@ -137,6 +149,11 @@ class Emulator:
     @property
     def faults(self) -> Faults:
         return self.dice.faults
+
+
+def default_workers() -> int:
+    """Checker processes used when not told: one per CPU, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 class _Server(ThreadingHTTPServer):
