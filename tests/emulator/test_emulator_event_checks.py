@@ -23,6 +23,8 @@ CASES = [
     ("json-array", "[1, 2]", "InvalidData", "object"),
     ("json-string", '"text"', "InvalidData", "object"),
     ("nan", schema.dumps(event_data())[:-1] + ',"x":NaN}', "InvalidData", "JSON"),
+    ("number-beyond-double", schema.dumps(event_data())[:-1] + ',"additionalEventData":{"n":1e400}}',
+     "InvalidData", "JSON"),
     ("missing-version", schema.dumps(event_data(version=None)), "FieldNotFound", "version"),
     ("missing-uid", schema.dumps(event_data(UID=None)), "FieldNotFound", "UID"),
     ("missing-eventTime", schema.dumps(event_data(eventTime=None)), "FieldNotFound", "eventTime"),

@@ -86,6 +86,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON but no double: it would become inf and break every size measurement.
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
 def check_event_text(text: Any, account_id: str | None, event_checksum: str | None = None
                      ) -> Problem | None:
     """Check ``eventData`` as sent on the wire (a string) the way the service does."""
@@ -103,7 +111,7 @@ def parse_event_text(text: Any, account_id: str | None, event_checksum: str | No
         return None, Problem("InvalidChecksum",
                              "eventDataChecksum does not match the SHA-256 of eventData")
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return None, Problem("InvalidData", "eventData is not valid JSON")
     # A \uD800-style escape decodes to a lone surrogate, which no UTF-8 store can hold.

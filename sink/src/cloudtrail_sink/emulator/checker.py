@@ -39,6 +39,10 @@ class BodyError(NamedTuple):
     message: str
 
 
+class WorkerFailure(NamedTuple):
+    error: str
+
+
 class Checked(NamedTuple):
     ids: list[str]
     duplicate: str | None
@@ -184,10 +188,13 @@ class CheckerPool:
         worker = self._acquire()
         try:
             result = worker.call(args)
-        except BaseException:
+        except BaseException as exc:
             self._discard(worker)
-            raise
+            # Not an OSError: the server must not mistake a dead worker for a gone client.
+            raise RuntimeError(f"checker worker died: {exc!r}") from None
         self._idle.put(worker)
+        if isinstance(result, WorkerFailure):
+            raise RuntimeError(f"checker worker failed: {result.error}")
         return result
 
     def _acquire(self) -> _Worker:
@@ -229,6 +236,10 @@ def _serve() -> None:
             args = pickle.load(requests)
         except EOFError:
             return
-        pickle.dump(check_body(*args), answers, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            answer = check_body(*args)
+        except Exception as exc:  # a bug, not bad input: the caller answers InternalFailure
+            answer = WorkerFailure(f"{type(exc).__name__}: {exc}")
+        pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
         answers.flush()
 
