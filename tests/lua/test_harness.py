@@ -121,7 +121,17 @@ def test_return_codes(tmp_path, ret, expected):
     assert FilterHarness(s, "cb").call("t", 5.0, {"a": 1}) == expected
 
 
-@pytest.mark.parametrize("ret", ["2, ts, {}", "1, ts, 'x'", "2, ts, {{}}"])
+@pytest.mark.parametrize("ret, expected", [
+    ("2, ts, {}", {}),                                  # an empty map is a (empty) record
+    ("2, ts, {{}, {a = 1}}", [{}, {"a": 1}]),
+    ("2, ts, setmetatable({}, {type = 1})", []),        # an empty array: no record at all
+])
+def test_maps_and_arrays_of_maps_are_valid_results(tmp_path, ret, expected):
+    s = script(tmp_path, f"function cb(tag, ts, r) return {ret} end")
+    assert FilterHarness(s, "cb").call("t", 5.0, {"a": 1}) == (2, 5.0, expected)
+
+
+@pytest.mark.parametrize("ret", ["1, ts, 'x'", "2, ts, {1, 2}", "2, ts, 5", "2, ts, nil"])
 def test_invalid_tables_leave_the_batch_untouched(tmp_path, ret):
     s = script(tmp_path, f"function cb(tag, ts, r) return {ret} end")
     h = FilterHarness(s, "cb")

@@ -40,9 +40,12 @@ Calling (``FilterHarness.call``)
   code goes through ``lua_tointeger`` (non-numbers -> 0, fractions truncated); ``-1`` drop,
   ``0`` keep the original, ``1`` replace timestamp and record, ``2`` replace the record; any
   other code keeps the original (Fluent Bit logs an error). For 1/2 the record must convert to a
-  non-empty map or an array of non-empty maps (one output record each), otherwise Fluent Bit
-  logs "invalid table returned" and passes the whole batch through: ``InvalidReturn`` is
-  raised. ``call_batch`` applies those batch semantics to a list of records.
+  map (one output record, possibly empty) or an array of maps (one output record each, none
+  for an empty array marked as an array), otherwise Fluent Bit logs "invalid table returned"
+  and passes the whole batch through: ``InvalidReturn`` is raised. ``call_batch`` applies
+  those batch semantics to a list of records. (This is the default build's log-event path,
+  which converts with ``flb_lua_pushmsgpack``: maps are created with ``lua_createtable(0, n)``,
+  arrays with ``lua_createtable(n, 0)``.)
 """
 
 from __future__ import annotations
@@ -380,6 +383,11 @@ class FilterHarness:
         fn = self.lua.globals()[self.call_name.encode()]
         if _lupa.lua_type(fn) != "function":
             raise HarnessError(f"{self.script}: function {self.call_name} is not found")
+        nparams = self.lua.eval(b'function(f) return debug.getinfo(f, "u").nparams end')(fn)
+        if nparams == 5:
+            # Fluent Bit >= 4.0.4 then calls cb(tag, ts, group, metadata, record).
+            raise HarnessError(f"{self.script}: {self.call_name} takes 5 arguments; the harness "
+                               "emulates the 3-argument form only")
         self._fn_name = self.call_name.encode()
 
     # -- the call ------------------------------------------------------------------------------
@@ -461,9 +469,11 @@ class FilterHarness:
 
 
 def _checked_result(record: Any, script: str, call: str) -> Any:
-    if isinstance(record, dict) and record:
+    # pack_result of filter_lua (log-event path, the default build): a map, even empty, is one
+    # record; an array is one record per item and every item must be a map; else invalid.
+    if isinstance(record, dict):
         return record
-    if isinstance(record, list) and record and all(isinstance(r, dict) and r for r in record):
+    if isinstance(record, list) and all(isinstance(r, dict) for r in record):
         return record
     raise InvalidReturn(f"invalid table returned at {call}(), {script}")
 
