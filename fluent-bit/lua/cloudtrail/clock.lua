@@ -23,8 +23,9 @@ if ok_ffi then
   C = ffi.C
 end
 
+local tv -- one buffer for every call: now() runs once per record
 local function ffi_now()
-  local tv = ffi.new("cloudtrail_timeval_t")
+  if tv == nil then tv = ffi.new("cloudtrail_timeval_t") end
   if C.gettimeofday(tv, nil) ~= 0 then return os.time() end
   return tonumber(tv.tv_sec) + tonumber(tv.tv_usec) / 1e6
 end
