@@ -49,6 +49,7 @@ from .watcher import SegmentQueue, Watcher
 log = logging.getLogger("cloudtrail_sink.runner")
 
 REJECTED_FLUSH = 500
+HAND_ON_EVERY = 50
 
 
 class LockHeld(RuntimeError):
@@ -284,37 +285,52 @@ class Runner:
             return
         seg = self.ledger.open(name, path)
         rejected: list[tuple[str, str, str, Any, Any, Any]] = []
+        ready: list[Item] = []
         records = 0
         limit = self.cfg.pending_limit
         account = self.account_id
         max_bytes = self.cfg.max_request_bytes
+        ledger, batcher, build, Prepared = self.ledger, self.batcher, events.build, events.Prepared
+
+        def hand_on() -> None:
+            # Counted in the ledger before the batcher sees them, so nothing can be settled
+            # before it is counted; handed on in groups to spare a lock round-trip per event.
+            ledger.add(seg, len(ready))
+            batcher.add_many(ready)
+            ready.clear()
+
         with f:
             for entry in spool.read_records(f):
-                if isinstance(entry, spool.DecodeError):
+                if entry.__class__ is spool.DecodeError:
+                    hand_on()
                     self._quarantine(f, name, entry, records)
                     break
                 record = entry[1]
                 records += 1
-                if self.ledger.pending >= limit and not self.ledger.wait_for_room(
-                        limit, self._stop.is_set):
-                    self.ledger.abandon(seg)
-                    return
-                if self._stop.is_set():
-                    self.ledger.abandon(seg)
-                    return
-                built = events.build(record, account, max_bytes)
-                self.ledger.add(seg)
-                if isinstance(record, dict):
+                if ledger.pending + len(ready) >= limit or len(ready) >= HAND_ON_EVERY:
+                    hand_on()
+                    if ledger.pending >= limit and not ledger.wait_for_room(
+                            limit, self._stop.is_set):
+                        ledger.abandon(seg)
+                        return
+                    if self._stop.is_set():
+                        ledger.abandon(seg)
+                        return
+                built = build(record, account, max_bytes)
+                if record.__class__ is dict:
                     tag, when = record.get("tag"), record.get("time")
                 else:
                     tag = when = None
-                if isinstance(built, events.Prepared):
-                    self.batcher.add(Item(seg, built, tag, when))
+                if built.__class__ is Prepared:
+                    ready.append(Item(seg, built, tag, when))
                 else:
+                    ledger.add(seg)
                     rejected.append((built.id, built.code, built.message, built.event_data, tag, when))
                     if len(rejected) >= REJECTED_FLUSH:
                         self._reject(seg, rejected)
                         rejected = []
+            else:
+                hand_on()
         if rejected:
             self._reject(seg, rejected)
         self.ledger.read_done(seg)
@@ -413,15 +429,19 @@ class Runner:
             self.pause.succeed()
         failed = {fid: (code, msg) for fid, code, msg in result.failed}
         self.metrics.requests.labels("partial" if failed else "success").inc()
-        delivered: collections.Counter = collections.Counter()
+        delivered: dict = {}
         n_delivered = 0
         dead: list[tuple[Item, str, str]] = []
+        successful = result.successful
         for it in batch:
-            problem = failed.get(it.p.id)
-            if problem is None and it.p.id in result.successful:
-                for x in it.all():
-                    delivered[x.seg] += 1
-                n_delivered += 1 + (len(it.aliases) if it.aliases else 0)
+            problem = failed.get(it.p.id) if failed else None
+            if problem is None and it.p.id in successful:
+                if it.aliases:
+                    for x in it.aliases:
+                        delivered[x.seg] = delivered.get(x.seg, 0) + 1
+                    n_delivered += len(it.aliases)
+                delivered[it.seg] = delivered.get(it.seg, 0) + 1
+                n_delivered += 1
             elif problem is None or problem[0] in RETRYABLE_EVENT_CODES:
                 code = problem[0] if problem else "NotAcknowledged"
                 it.attempts += 1
