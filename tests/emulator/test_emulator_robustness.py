@@ -145,3 +145,14 @@ def test_answers_are_json_with_content_length(make_emulator):
     assert b"Content-Type: application/json" in head
     assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
     assert json.loads(body)["accepted"] == 0
+
+
+def test_events_readable_after_stop_and_restart_of_the_same_object(make_emulator):
+    emu = make_emulator()
+    c = client(emu)
+    c.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(2, "a"))
+    emu.stop()
+    assert [e["eventData"]["UID"] for e in emu.events()] == ["uid-a0", "uid-a1"]
+    emu.start()
+    client(emu).put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(1, "b"))
+    assert [e["eventData"]["UID"] for e in emu.events(after=2)] == ["uid-b0"]

@@ -39,7 +39,7 @@ from .faults import FaultDice, Faults
 from .ingest import ApiError, PutAuditEvents
 from .quota import CallQuota
 from .stats import Stats
-from .storage import MAX_PAGE, EventStore
+from .storage import MAX_PAGE, EventStore, read_page
 
 log = logging.getLogger("cloudtrail_sink.emulator")
 
@@ -81,6 +81,7 @@ class Emulator:
     def start(self) -> "Emulator":
         if self._server is not None:
             raise RuntimeError("emulator already started")
+        self._stopping.clear()
         self._store = EventStore(self.db_path)
         self._checker = CheckerPool(self.workers)
         self._put = PutAuditEvents(self._store, self.channels, self.quota, self.dice,
@@ -106,13 +107,14 @@ class Emulator:
     def stop(self) -> None:
         if self._server is None:
             return
-        self._stopping.set()
+        self._stopping.set()  # ends injected latency waits
         self._server.shutdown()
+        self._store.release_waiters()  # ends long polls of the page
         self._server.close_connections()
-        self._store.close()  # wakes long-polling page readers
         self._server.server_close()  # joins the connection threads
         self._thread.join()
         self._checker.close()
+        self._store.close()
         self._server = None
         log.info("emulator stopped")
 
@@ -135,8 +137,11 @@ class Emulator:
 
     # inspection ------------------------------------------------------------------------------
     def events(self, limit: int | None = None, after: int | None = None) -> list[dict]:
-        """Stored wrapped events with cursor > after, oldest first."""
-        bodies, _ = self._store.page(limit, after)
+        """Stored wrapped events with cursor > after, oldest first (also after ``stop()``)."""
+        if self._server is None:
+            bodies = read_page(self.db_path, limit, after)
+        else:
+            bodies, _ = self._store.page(limit, after)
         return [json.loads(body) for body in bodies]
 
     def stats(self) -> dict:

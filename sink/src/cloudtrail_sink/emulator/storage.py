@@ -42,6 +42,7 @@ class EventStore:
         self._read_lock = threading.Lock()
         self._changed = threading.Condition()
         self._closed = False
+        self._released = False
         row = self._write.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         self._last_seq = row[0]
 
@@ -109,14 +110,35 @@ class EventStore:
             return self._read.execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
     def wait_for_after(self, after: int, timeout: float) -> None:
-        """Block until an event with seq > after is stored, the store closes, or timeout."""
+        """Block until an event with seq > after is stored, waiters are released, or timeout."""
         with self._changed:
-            self._changed.wait_for(lambda: self._closed or self._last_seq > after, timeout)
+            self._changed.wait_for(lambda: self._released or self._last_seq > after, timeout)
+
+    def release_waiters(self) -> None:
+        """End every current and future ``wait_for_after`` at once (the server is stopping)."""
+        with self._changed:
+            self._released = True
+            self._changed.notify_all()
 
     def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+        self.release_waiters()
         with self._write_lock, self._read_lock:
+            self._closed = True
             self._read.close()
             self._write.close()
+
+
+def read_page(path: str | os.PathLike, limit: int | None, after: int | None) -> list[str]:
+    """``EventStore.page`` bodies from a database no emulator has open (read-only)."""
+    if not os.path.exists(path):
+        return []
+    conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True, timeout=30)
+    try:
+        sql = "SELECT body FROM events WHERE seq > ? ORDER BY seq"
+        params: tuple = (after or 0,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        return [row[0] for row in conn.execute(sql, params)]
+    finally:
+        conn.close()
