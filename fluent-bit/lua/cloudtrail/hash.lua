@@ -12,13 +12,16 @@
 local bit = require("bit")
 local band, bor, bxor, lshift, rshift, tobit, tohex =
   bit.band, bit.bor, bit.bxor, bit.lshift, bit.rshift, bit.tobit, bit.tohex
-local byte, format = string.byte, string.format
+local byte, format, sub = string.byte, string.format, string.sub
 local concat, sort = table.concat, table.sort
 local type, pairs, tostring, getmetatable = type, pairs, tostring, getmetatable
 
+-- 32-bit multiply. The halves are computed with '%' and '/' so LuaJIT keeps them as
+-- floating-point numbers: integer-typed operands would make it emit an overflow-checked
+-- multiply whose guard fails on every large product (and the trace gets blacklisted).
 local function mul(a, b)
-  local lo = band(b, 0xffff)
-  local hi = rshift(b, 16)
+  local lo = b % 65536
+  local hi = (b - lo) / 65536
   return tobit(tobit(a * lo) + lshift(tobit(a * hi), 16))
 end
 
@@ -27,6 +30,11 @@ local function rotl(x, r)
 end
 
 local C1, C2, C3, C4 = tobit(0x239b961b), tobit(0xab0e9789), tobit(0x38b34ae5), tobit(0xa1e38b93)
+-- the constants' 16-bit halves, for the written-out multiplications in the block loop
+local C1L, C1H = 0x961b, 0x239b
+local C2L, C2H = 0x9789, 0xab0e
+local C3L, C3H = 0x4ae5, 0x38b3
+local C4L, C4H = 0x8b93, 0xa1e3
 
 local function fmix(h)
   h = bxor(h, rshift(h, 16))
@@ -36,8 +44,10 @@ local function fmix(h)
   return bxor(h, rshift(h, 16))
 end
 
-local function word(a, b, c, d)
-  return bor(a, lshift(b, 8), lshift(c, 16), lshift(d, 24))
+-- MurmurHash3's 16-byte output is the four words little-endian; hex of those bytes
+local function le(h)
+  local x = tohex(h, 8)
+  return sub(x, 7, 8) .. sub(x, 5, 6) .. sub(x, 3, 4) .. sub(x, 1, 2)
 end
 
 local function hex128(s)
@@ -46,25 +56,45 @@ local function hex128(s)
   local nblocks = len - len % 16
   for i = 1, nblocks, 16 do
     local a1, a2, a3, a4, b1, b2, b3, b4, c1, c2, c3, c4, d1, d2, d3, d4 = byte(s, i, i + 15)
-    local k1 = word(a1, a2, a3, a4)
-    local k2 = word(b1, b2, b3, b4)
-    local k3 = word(c1, c2, c3, c4)
-    local k4 = word(d1, d2, d3, d4)
-    k1 = mul(rotl(mul(k1, C1), 15), C2); h1 = bxor(h1, k1)
-    h1 = rotl(h1, 19); h1 = tobit(h1 + h2); h1 = tobit(mul(h1, 5) + 0x561ccd1b)
-    k2 = mul(rotl(mul(k2, C2), 16), C3); h2 = bxor(h2, k2)
-    h2 = rotl(h2, 17); h2 = tobit(h2 + h3); h2 = tobit(mul(h2, 5) + 0x0bcaa747)
-    k3 = mul(rotl(mul(k3, C3), 17), C4); h3 = bxor(h3, k3)
-    h3 = rotl(h3, 15); h3 = tobit(h3 + h4); h3 = tobit(mul(h3, 5) + 0x96cd1c35)
-    k4 = mul(rotl(mul(k4, C4), 18), C1); h4 = bxor(h4, k4)
-    h4 = rotl(h4, 13); h4 = tobit(h4 + h1); h4 = tobit(mul(h4, 5) + 0x32ac3b17)
+    local k1 = bor(a1, lshift(a2, 8), lshift(a3, 16), lshift(a4, 24))
+    local k2 = bor(b1, lshift(b2, 8), lshift(b3, 16), lshift(b4, 24))
+    local k3 = bor(c1, lshift(c2, 8), lshift(c3, 16), lshift(c4, 24))
+    local k4 = bor(d1, lshift(d2, 8), lshift(d3, 16), lshift(d4, 24))
+    -- mul() and rotl() written out: calls in this loop make LuaJIT give up tracing it
+    k1 = tobit(tobit(k1 * C1L) + lshift(tobit(k1 * C1H), 16))
+    k1 = bor(lshift(k1, 15), rshift(k1, 17))
+    k1 = tobit(tobit(k1 * C2L) + lshift(tobit(k1 * C2H), 16))
+    h1 = bxor(h1, k1)
+    h1 = bor(lshift(h1, 19), rshift(h1, 13))
+    h1 = tobit(h1 + h2)
+    h1 = tobit(h1 * 5 + 0x561ccd1b)
+    k2 = tobit(tobit(k2 * C2L) + lshift(tobit(k2 * C2H), 16))
+    k2 = bor(lshift(k2, 16), rshift(k2, 16))
+    k2 = tobit(tobit(k2 * C3L) + lshift(tobit(k2 * C3H), 16))
+    h2 = bxor(h2, k2)
+    h2 = bor(lshift(h2, 17), rshift(h2, 15))
+    h2 = tobit(h2 + h3)
+    h2 = tobit(h2 * 5 + 0x0bcaa747)
+    k3 = tobit(tobit(k3 * C3L) + lshift(tobit(k3 * C3H), 16))
+    k3 = bor(lshift(k3, 17), rshift(k3, 15))
+    k3 = tobit(tobit(k3 * C4L) + lshift(tobit(k3 * C4H), 16))
+    h3 = bxor(h3, k3)
+    h3 = bor(lshift(h3, 15), rshift(h3, 17))
+    h3 = tobit(h3 + h4)
+    h3 = tobit(h3 * 5 + 0x96cd1c35)
+    k4 = tobit(tobit(k4 * C4L) + lshift(tobit(k4 * C4H), 16))
+    k4 = bor(lshift(k4, 18), rshift(k4, 14))
+    k4 = tobit(tobit(k4 * C1L) + lshift(tobit(k4 * C1H), 16))
+    h4 = bxor(h4, k4)
+    h4 = bor(lshift(h4, 13), rshift(h4, 19))
+    h4 = tobit(h4 + h1)
+    h4 = tobit(h4 * 5 + 0x32ac3b17)
   end
-  -- tail
-  local t = { byte(s, nblocks + 1, len) }
-  local tl = #t
+  -- tail: the last len % 16 bytes, little-endian into k1..k4
+  local tl = len - nblocks
   local k1, k2, k3, k4 = 0, 0, 0, 0
   for j = tl, 1, -1 do
-    local v = t[j]
+    local v = byte(s, nblocks + j)
     if j > 12 then k4 = bxor(k4, lshift(v, (j - 13) * 8))
     elseif j > 8 then k3 = bxor(k3, lshift(v, (j - 9) * 8))
     elseif j > 4 then k2 = bxor(k2, lshift(v, (j - 5) * 8))
@@ -80,11 +110,6 @@ local function hex128(s)
   h1, h2, h3, h4 = fmix(h1), fmix(h2), fmix(h3), fmix(h4)
   h1 = tobit(h1 + h2); h1 = tobit(h1 + h3); h1 = tobit(h1 + h4)
   h2 = tobit(h2 + h1); h3 = tobit(h3 + h1); h4 = tobit(h4 + h1)
-  -- MurmurHash3 prints each 32-bit word little-endian-first as in its 16-byte output
-  local function le(h)
-    local x = tohex(h, 8)
-    return x:sub(7, 8) .. x:sub(5, 6) .. x:sub(3, 4) .. x:sub(1, 2)
-  end
   return le(h1) .. le(h2) .. le(h3) .. le(h4)
 end
 

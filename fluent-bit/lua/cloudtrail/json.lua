@@ -308,7 +308,21 @@ size = function(v)
   return 4
 end
 
+-- JSON size of a number as the sink writes it (see size()); integers without making a string
+local function number_size(n)
+  if n == floor(n) and n > -1e15 and n < 1e15 then
+    local d, a = 1, n
+    if a < 0 then d = 2; a = -a end
+    local p = 10
+    while a >= p do d = d + 1; p = p * 10 end
+    return d
+  end
+  local t, special = number_text(n)
+  return #(t or special)
+end
+
 return {
   decode = decode, encode = encode, size = size, is_array = is_array,
+  string_size = string_size, number_size = number_size,
   ARRAY_MT = ARRAY_MT, MAP_MT = MAP_MT, MAX_DEPTH = MAX_DEPTH,
 }

@@ -11,12 +11,25 @@
 --   * A repeated key keeps its last value.
 --   The result carries the MAP_MT marker so it is written back as a map.
 
-local find, sub = string.find, string.sub
+local find, sub, byte = string.find, string.sub, string.byte
 local setmetatable = setmetatable
 local MAP_MT = require("cloudtrail.json").MAP_MT
 
-local KEY_AT = "^([%a_][%w_%.%-]*)="
-local NEXT_KEY = ",[%a_][%w_%.%-]*="
+-- If a key ([A-Za-z_][A-Za-z0-9_.-]*) followed by '=' starts at byte i, the position of that
+-- '='; else nil. A byte loop: LuaJIT compiles it, unlike pattern matching.
+local function key_end(text, i, n)
+  local c = byte(text, i)
+  if not c or not (c == 95 or (c >= 65 and c <= 90) or (c >= 97 and c <= 122)) then return nil end
+  for j = i + 1, n do
+    c = byte(text, j)
+    if c == 61 then return j end
+    if not (c == 95 or c == 46 or c == 45 or (c >= 48 and c <= 57) or (c >= 65 and c <= 90)
+            or (c >= 97 and c <= 122)) then
+      return nil
+    end
+  end
+  return nil
+end
 
 local function decode(s, rest_keys)
   if type(s) ~= "string" then return nil, "not a string" end
@@ -27,24 +40,29 @@ local function decode(s, rest_keys)
   if text == "" then return nil, "empty text" end
   local out = setmetatable({}, MAP_MT)
   local pos, n = 1, #text
-  while pos <= n do
-    local _, keyend, key = find(text, KEY_AT, pos)
-    if not key then return nil, "not a key=value list (expected a key at byte " .. pos .. ")" end
-    local vstart = keyend + 1
+  local eq = key_end(text, 1, n)
+  if not eq then return nil, "not a key=value list (it must start with key=)" end
+  while true do
+    local key = sub(text, pos, eq - 1)
     if rest_keys and rest_keys[key] then
-      out[key] = sub(text, vstart)
+      out[key] = sub(text, eq + 1)
       return out
     end
-    local comma = find(text, NEXT_KEY, vstart)
-    if comma then
-      out[key] = sub(text, vstart, comma - 1)
-      pos = comma + 1
-    else
-      out[key] = sub(text, vstart)
+    -- the value ends at the first ',' that a key and '=' follow
+    local comma, next_eq = eq, nil
+    while true do
+      comma = find(text, ",", comma + 1, true)
+      if not comma then break end
+      next_eq = key_end(text, comma + 1, n)
+      if next_eq then break end
+    end
+    if not comma then
+      out[key] = sub(text, eq + 1)
       return out
     end
+    out[key] = sub(text, eq + 1, comma - 1)
+    pos, eq = comma + 1, next_eq
   end
-  return out
 end
 
 return { decode = decode }

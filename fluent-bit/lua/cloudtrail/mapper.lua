@@ -30,12 +30,13 @@ local ipaddr = require("cloudtrail.ipaddr")
 
 local type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, next, pcall =
   type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, next, pcall
-local find, format, gsub, sub = string.find, string.format, string.gsub, string.sub
+local find, format, gsub, sub, byte = string.find, string.format, string.gsub, string.sub, string.byte
 local concat = table.concat
 local floor, huge = math.floor, math.huge
 
 local sanitize, cut_utf8 = utf8.sanitize, utf8.cut
 local json_size, json_encode, json_decode, is_array = json.size, json.encode, json.decode, json.is_array
+local string_size, number_size = json.string_size, json.number_size
 local ARRAY_MT, MAP_MT = json.ARRAY_MT, json.MAP_MT
 local to_utc, from_epoch = timeconv.to_utc, timeconv.from_epoch
 local hex128, canonical = hash.hex128, hash.canonical
@@ -58,6 +59,8 @@ local OBJECT_LIMITS = { requestParameters = 100000, responseElements = 100000,
   additionalEventData = 28000 }
 local OBJECT_FIELDS = { "requestParameters", "responseElements", "additionalEventData" }
 local IDENTITY_LIMITS = { type = 128, principalId = 1024 }
+local IDENTITY_FIELDS = { "type", "principalId" }
+local IDENTITY_KEYS = { "userIdentity.type", "userIdentity.principalId" }
 local REQUIRED = { eventSource = true, eventName = true }
 
 local M = {}
@@ -76,61 +79,106 @@ local function number_text(n)
   return t
 end
 
--- A deep copy that is safe to write: valid UTF-8, no NaN/inf, string keys, marked tables.
+-- Strings that need no work: no invalid UTF-8 possible (ASCII only) and nothing JSON escapes.
+-- One find per string on the hot path decides both.
+
+-- Short strings (keys, enum-like values) repeat from record to record: remember the ones that
+-- need no work, so most of them cost a table lookup instead of a pattern scan. Bounded.
+local PLAIN_MAX_LEN, PLAIN_MAX_COUNT = 64, 4096
+local plain, plain_count = {}, 0
+
+-- true when s has no byte >= 0x80, < 0x20, '"' or '\\'. A string.byte loop is compiled by
+-- LuaJIT and runs far faster than string.find with a character class.
+local function is_plain(s, n)
+  for i = 1, n do
+    local c = byte(s, i)
+    if c < 32 or c > 127 or c == 34 or c == 92 then return false end
+  end
+  return true
+end
+
+local function text_and_size(s)
+  local n = #s
+  if plain[s] then return s, n + 2 end
+  if is_plain(s, n) then
+    if n <= PLAIN_MAX_LEN then
+      if plain_count >= PLAIN_MAX_COUNT then plain, plain_count = {}, 0 end
+      plain[s] = true
+      plain_count = plain_count + 1
+    end
+    return s, n + 2
+  end
+  local t = sanitize(s)
+  return t, string_size(t)
+end
+
+-- A deep copy that is safe to write (valid UTF-8, no NaN/inf, string keys, marked tables),
+-- and its JSON size as schema.py measures it (see cloudtrail.json size()), in one walk.
 local clean
 clean = function(v, depth)
   local tv = type(v)
-  if tv == "string" then return (sanitize(v)) end
+  if tv == "string" then return text_and_size(v) end
   if tv == "number" then
-    if v ~= v or v == huge or v == -huge then return number_text(v) end
-    return v
+    if v ~= v or v == huge or v == -huge then
+      local t = number_text(v)
+      return t, #t + 2
+    end
+    return v, number_size(v)
   end
-  if tv == "boolean" then return v end
-  if tv ~= "table" then return nil end        -- flb_null and other userdata: absent
-  if depth > MAX_CLEAN_DEPTH then return "[nesting too deep]" end
+  if tv == "boolean" then return v, v and 4 or 5 end
+  if tv ~= "table" then return nil, 0 end        -- flb_null and other userdata: absent
+  if depth > MAX_CLEAN_DEPTH then return "[nesting too deep]", 20 end
   depth = depth + 1
   local out
+  local size, count = 2, 0
   if is_array(v) then
     out = setmetatable({}, ARRAY_MT)
-    local n = 0
     for i = 1, #v do
-      local c = clean(v[i], depth)
-      if c ~= nil then n = n + 1; out[n] = c end
+      local c, cs = clean(v[i], depth)
+      if c ~= nil then count = count + 1; out[count] = c; size = size + cs end
     end
   else
     out = setmetatable({}, MAP_MT)
     for k, val in pairs(v) do
-      local c = clean(val, depth)
+      local c, cs = clean(val, depth)
       if c ~= nil then
-        local tk = type(k)
-        if tk == "string" then k = sanitize(k)
-        elseif tk == "number" then k = number_text(k)
-        else k = tostring(k) end
+        local tk, ks = type(k), nil
+        if tk == "string" then k, ks = text_and_size(k)
+        else
+          k = tk == "number" and number_text(k) or tostring(k)
+          k, ks = text_and_size(k)
+        end
         out[k] = c
+        count = count + 1
+        size = size + ks + 1 + cs
       end
     end
   end
-  return out
+  if count > 1 then size = size + count - 1 end
+  return out, size
 end
 
 -- Text for a CloudTrail string field or a template placeholder; nil when absent.
 local function to_text(v)
   local tv = type(v)
-  if tv == "string" then return (sanitize(v)) end
+  if tv == "string" then
+    if plain[v] or is_plain(v, #v) or not find(v, "[\128-\255]") then return v end
+    return (sanitize(v))
+  end
   if tv == "number" then return number_text(v) end
   if tv == "boolean" then return v and "true" or "false" end
-  if tv == "table" then return json_encode(clean(v, 0)) end
+  if tv == "table" then return json_encode((clean(v, 0))) end
   return nil
 end
 
--- An object field's value: maps as they are, anything else wrapped as {"value": ...}.
+-- An object field's value and its JSON size: maps as they are, anything else wrapped as
+-- {"value": ...}.
 local function to_object(v)
-  if v == nil or (type(v) ~= "table" and type(v) ~= "string" and type(v) ~= "number"
-                  and type(v) ~= "boolean") then
-    return nil
-  end
-  if type(v) == "table" and not is_array(v) then return clean(v, 0) end
-  return setmetatable({ value = clean(v, 0) }, MAP_MT)
+  local tv = type(v)
+  if tv == "table" and not is_array(v) then return clean(v, 0) end
+  if tv ~= "table" and tv ~= "string" and tv ~= "number" and tv ~= "boolean" then return nil end
+  local c, cs = clean(v, 0)
+  return setmetatable({ value = c }, MAP_MT), cs + 10      -- {"value":...}
 end
 
 local function scalar_equal(a, b)
@@ -538,21 +586,20 @@ local function rules_for(self, tag)
   return list
 end
 
+local function add_truncated(list, name)
+  list = list or setmetatable({}, ARRAY_MT)
+  list[#list + 1] = name
+  return list
+end
+
 local function build(rule, tag, ts, rec, vars)
   local f = rule.fields
   local ev = setmetatable({}, MAP_MT)
   local truncated, bad_ip
   local truncate = rule.truncate
 
-  local function fit_string(name, text, limit)
-    if #text <= limit then return text end
-    if not truncate then return nil, text_over(name, #text, limit) end
-    truncated = truncated or setmetatable({}, ARRAY_MT)
-    truncated[#truncated + 1] = name
-    return cut_utf8(text, limit - #TRUNCATION_MARK) .. TRUNCATION_MARK
-  end
-
-  for _, name in ipairs(STRING_FIELDS) do
+  for i = 1, #STRING_FIELDS do
+    local name = STRING_FIELDS[i]
     local fn = f[name]
     if fn then
       local text = to_text(fn(rec, tag, ts, vars))
@@ -567,15 +614,18 @@ local function build(rule, tag, ts, rec, vars)
       elseif name == "UID" then
         if #text > STRING_LIMITS.UID then
           if not truncate then return nil, text_over("UID", #text, STRING_LIMITS.UID) end
-          truncated = truncated or setmetatable({}, ARRAY_MT)
-          truncated[#truncated + 1] = "UID"
+          truncated = add_truncated(truncated, "UID")
           text = hex128(text)       -- a cut UID could collide; its hash stays unique
         end
         ev.UID = text
       else
-        local fitted, err = fit_string(name, text, STRING_LIMITS[name])
-        if not fitted then return nil, err end
-        ev[name] = fitted
+        local limit = STRING_LIMITS[name]
+        if #text > limit then
+          if not truncate then return nil, text_over(name, #text, limit) end
+          truncated = add_truncated(truncated, name)
+          text = cut_utf8(text, limit - #TRUNCATION_MARK) .. TRUNCATION_MARK
+        end
+        ev[name] = text
       end
     end
   end
@@ -589,55 +639,58 @@ local function build(rule, tag, ts, rec, vars)
   end
 
   local ident = setmetatable({}, MAP_MT)
-  for name, limit in pairs(IDENTITY_LIMITS) do
-    local text = to_text(f["userIdentity." .. name](rec, tag, ts, vars))
-    if text == nil then return nil, "userIdentity." .. name .. " has no value" end
-    local fitted, err = fit_string("userIdentity." .. name, text, limit)
-    if not fitted then return nil, err end
-    ident[name] = fitted
+  for i = 1, #IDENTITY_FIELDS do
+    local name = IDENTITY_FIELDS[i]
+    local text = to_text(f[IDENTITY_KEYS[i]](rec, tag, ts, vars))
+    if text == nil then return nil, IDENTITY_KEYS[i] .. " has no value" end
+    local limit = IDENTITY_LIMITS[name]
+    if #text > limit then
+      if not truncate then return nil, text_over(IDENTITY_KEYS[i], #text, limit) end
+      truncated = add_truncated(truncated, IDENTITY_KEYS[i])
+      text = cut_utf8(text, limit - #TRUNCATION_MARK) .. TRUNCATION_MARK
+    end
+    ident[name] = text
   end
-  if f["userIdentity.details"] then
-    local d = to_object(f["userIdentity.details"](rec, tag, ts, vars))
+  local fd = f["userIdentity.details"]
+  if fd then
+    local d = to_object(fd(rec, tag, ts, vars))
     if d ~= nil then ident.details = d end
   end
   ev.userIdentity = ident
 
-  for _, name in ipairs(OBJECT_FIELDS) do
+  local aed, aed_size
+  for i = 1, #OBJECT_FIELDS do
+    local name = OBJECT_FIELDS[i]
     local fn = f[name]
     if fn then
-      local obj = to_object(fn(rec, tag, ts, vars))
-      if obj ~= nil then ev[name] = obj end
-    end
-  end
-  if bad_ip then
-    local aed = ev.additionalEventData or setmetatable({}, MAP_MT)
-    aed.invalidSourceIPAddress = bad_ip
-    ev.additionalEventData = aed
-  end
-  for _, name in ipairs(OBJECT_FIELDS) do
-    local obj = ev[name]
-    local limit = OBJECT_LIMITS[name]
-    if obj ~= nil and name ~= "additionalEventData" then
-      local size = json_size(obj)
-      if size > limit then
-        if not truncate then return nil, text_over(name, size, limit) end
-        truncated = truncated or setmetatable({}, ARRAY_MT)
-        truncated[#truncated + 1] = name
-        ev[name] = preview_object(obj, limit)
+      local obj, size = to_object(fn(rec, tag, ts, vars))
+      if obj ~= nil then
+        local limit = OBJECT_LIMITS[name]
+        if name == "additionalEventData" then
+          aed, aed_size = obj, size
+        elseif size > limit then
+          if not truncate then return nil, text_over(name, size, limit) end
+          truncated = add_truncated(truncated, name)
+          ev[name] = preview_object(obj, limit)
+        else
+          ev[name] = obj
+        end
       end
     end
   end
-  local aed, limit = ev.additionalEventData, OBJECT_LIMITS.additionalEventData
-  if aed ~= nil then
-    local size = json_size(aed)
-    if size > limit then
-      if not truncate then return nil, text_over("additionalEventData", size, limit) end
-      truncated = truncated or setmetatable({}, ARRAY_MT)
-      truncated[#truncated + 1] = "additionalEventData"
-      aed = preview_object(aed, limit, truncated)
-      ev.additionalEventData = aed
-      return ev
-    end
+  if bad_ip then
+    aed = aed or setmetatable({}, MAP_MT)
+    aed.invalidSourceIPAddress = bad_ip
+    aed_size = nil
+  end
+  if aed == nil and truncated == nil then return ev end
+  local limit = OBJECT_LIMITS.additionalEventData
+  aed_size = aed_size or json_size(aed)
+  if aed_size > limit then
+    if not truncate then return nil, text_over("additionalEventData", aed_size, limit) end
+    truncated = add_truncated(truncated, "additionalEventData")
+    ev.additionalEventData = preview_object(aed, limit, truncated)
+    return ev
   end
   if truncated then
     aed = aed or setmetatable({}, MAP_MT)
@@ -647,8 +700,8 @@ local function build(rule, tag, ts, rec, vars)
       truncated[#truncated + 1] = "additionalEventData"
       aed = preview_object(aed, limit, truncated)
     end
-    ev.additionalEventData = aed
   end
+  ev.additionalEventData = aed
   return ev
 end
 
