@@ -45,6 +45,19 @@ def test_quota_allows_a_burst_then_throttles_until_the_clock_moves(make_emulator
     assert emu.stats()["requests"]["ThrottlingException"] == 3
 
 
+def test_quota_buckets_are_per_region(make_emulator, fake_clock):
+    emu = make_emulator(quota_per_second=2, clock=fake_clock, channels=None)
+    eu_arn = CHANNEL_ARN.replace("us-east-1", "eu-west-1")
+    us, eu = client(emu), client(emu, region="eu-west-1")
+    for _ in range(2):
+        _put(us)
+        _put(eu, eu_arn)
+    for c, arn in ((us, CHANNEL_ARN), (eu, eu_arn)):
+        with pytest.raises(ClientError) as excinfo:
+            _put(c, arn)
+        assert excinfo.value.response["Error"]["Code"] == "ThrottlingException"
+
+
 def test_default_quota_is_100_calls_per_second(make_emulator, fake_clock):
     emu = make_emulator(clock=fake_clock)
     c = client(emu)

@@ -199,6 +199,14 @@ def test_with_credentials_wrong_key_and_wrong_secret_are_refused(make_emulator):
     assert len(emu.events()) == 2
 
 
+def test_signature_over_percent_encoded_query_values_verifies(make_emulator):
+    odd = "a+b=c,d.e@f:g/h-i_j"  # every character class externalId allows
+    emu = make_emulator(channels={CHANNEL_ARN: odd}, credentials=("AKIDRIGHT", "right-secret"))
+    c = client(emu, aws_access_key_id="AKIDRIGHT", aws_secret_access_key="right-secret")
+    response = c.put_audit_events(channelArn=CHANNEL_ARN, externalId=odd, auditEvents=batch(1))
+    assert len(response["successful"]) == 1
+
+
 def test_tampered_body_fails_signature_check(make_emulator):
     emu = make_emulator(credentials=("AKIDRIGHT", "right-secret"))
     from botocore.auth import SigV4Auth
