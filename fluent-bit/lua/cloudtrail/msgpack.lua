@@ -267,12 +267,16 @@ M.array_length = array_length
 local encode_into
 
 -- Header and bytes go into buf separately: no intermediate string is built and interned.
+-- Strings of a strict_utf8 encoding, collected to be checked in one scan (see encode_parts).
+local pending, npending = {}, 0
+
 local function encode_string(buf, n, s, opts)
   local len = #s
-  if (opts.strict_utf8 or opts.bin_for_invalid_utf8) and not utf8_valid(s) then
-    if opts.strict_utf8 then
-      error("string is not valid UTF-8", 0)
-    end
+  if opts.strict_utf8 then
+    npending = npending + 1
+    pending[npending] = s
+  end
+  if opts.bin_for_invalid_utf8 and not utf8_valid(s) then
     buf[n + 1] = str_header(len, nil, 0xc4, 0xc5, 0xc6)
   elseif len < 32 then
     buf[n + 1] = FIXSTR[len]
@@ -327,12 +331,26 @@ end
 local DEFAULT_OPTS = { max_depth = DEFAULT_MAX_DEPTH }
 
 -- encode_parts(buf, n, value, opts) -> new n; appends the encoding to buf (raises on error).
+-- With strict_utf8 the strings are checked all at once after encoding: the string payloads
+-- of buf joined with a NUL byte form valid UTF-8 exactly when each of them does (no sequence
+-- can span an ASCII separator), and one long scan is much cheaper than one per string.
 function M.encode_parts(buf, n, value, opts)
   if opts == nil then opts = DEFAULT_OPTS
   elseif opts.max_depth == nil then
     opts.max_depth = DEFAULT_MAX_DEPTH
   end
-  return encode_into(buf, n, value, opts, 0)
+  if not opts.strict_utf8 then
+    return encode_into(buf, n, value, opts, 0)
+  end
+  npending = 0
+  n = encode_into(buf, n, value, opts, 0)
+  local joined = table_concat(pending, "\0", 1, npending)
+  for i = 1, npending do pending[i] = nil end -- do not keep event strings alive
+  npending = 0
+  if not utf8_valid(joined) then
+    error("string is not valid UTF-8", 0)
+  end
+  return n
 end
 
 function M.encode(value, opts)
