@@ -67,3 +67,32 @@ def test_page_shows_an_event_sent_while_it_is_open(make_emulator, chromium, tmp_
     assert rows == ["uid-live0", "uid-before0"]  # newest first, arrived without a reload
     assert re.search(r'id="accepted">2<', dom)
     assert re.search(r'data-refreshes="([2-9]|\d\d+)"', dom)
+
+
+@pytest.mark.timeout(120)
+def test_page_jumps_to_the_newest_when_events_arrive_faster_than_it_shows(
+        make_emulator, chromium, tmp_path):
+    emu = make_emulator()
+    c = client(emu)
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.Popen(
+        [chromium, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=2500",
+         "--dump-dom", f"{emu.url}/"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_until_parked(emu, proc)
+        # One call, one transaction: the long poll wakes to 100 new events, more than the 50
+        # the page shows, so its next refresh must jump to the newest 50.
+        c.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(100, "burst"))
+        dom, _ = proc.communicate(timeout=90)
+    finally:
+        try:  # the whole group: Chromium's helper processes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    dom = dom.decode()
+    assert proc.returncode == 0
+    rows = re.findall(r'<tr class="event" data-uid="([^"]*)"', dom)
+    assert rows == [f"uid-burst{i}" for i in range(99, 49, -1)]
+    assert re.search(r'id="accepted">100<', dom)
