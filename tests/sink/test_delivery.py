@@ -56,7 +56,8 @@ def metric(runner, name, labels=None):
 def test_delivers_every_event_once_and_deletes_segments(tmp_path, emulator):
     spool_dir = tmp_path / "spool"
     fill(spool_dir, [event(i, pad=300) for i in range(1050)], max_events=170)
-    runner = run_drain(config(spool_dir, emulator.url))
+    # A long linger: batches go out full; the drain flushes the last partial one.
+    runner = run_drain(config(spool_dir, emulator.url, linger_ms=10_000))
     stored = collections.Counter(stored_uids(emulator))
     assert stored == collections.Counter(f"evt-{i}" for i in range(1050))
     assert os.listdir(spool_dir / "ready") == [] and os.listdir(spool_dir / "failed") == []
@@ -287,7 +288,8 @@ def test_memory_stays_bounded_by_the_pending_limit(tmp_path):
             peak = max(peak, runner.ledger.pending)
             return super().send(entries)
 
-    runner = Runner(config(spool_dir, max_pending_events=250, max_in_flight=2), sender=Slow())
+    runner = Runner(config(spool_dir, max_pending_events=250, max_in_flight=2, linger_ms=10_000),
+                    sender=Slow())
     runner.run()
     assert os.listdir(spool_dir / "ready") == []
     assert 100 <= peak <= 250

@@ -130,6 +130,7 @@ class Runner:
             age=self._oldest_age, pending=lambda: self.ledger.pending,
             paused=lambda: 1 if self.pause.paused else 0)
         self._stop = threading.Event()
+        self._reading: str | None = None
         self._threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
         self.http = None
@@ -184,6 +185,8 @@ class Runner:
                 if drain and self.drained():
                     log.info("drained: nothing left to deliver")
                     break
+                if drain and self._reading is None and self.queue.waiting() == 0:
+                    self.batcher.flush()  # the last partial batch need not wait for the linger
                 self._stop.wait(0.1 if drain else None)
         finally:
             self.stop()
@@ -261,11 +264,14 @@ class Runner:
             name = self.queue.pop()
             if name is None:
                 return
+            self._reading = name
             try:
                 self._read_segment(name)
             except Exception:
                 log.exception("reading a segment failed; it stays in ready/",
                               extra={"segment": name})
+            finally:
+                self._reading = None
 
     def _read_segment(self, name: str) -> None:
         path = os.path.join(self.layout.ready, name)
