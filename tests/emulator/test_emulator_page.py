@@ -41,19 +41,15 @@ def _wait_until_parked(emu, proc, timeout=60.0):
         time.sleep(0.02)
 
 
-@pytest.mark.timeout(120)
-def test_page_shows_an_event_sent_while_it_is_open(make_emulator, chromium, tmp_path):
-    emu = make_emulator()
-    c = client(emu)
-    c.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(1, "before"))
-    profile = tmp_path / "chromium-profile"
+def _dom_after(emu, chromium, profile, send) -> str:
+    """Open the page, call ``send()`` once the page waits for new events, return the DOM."""
     proc = subprocess.Popen(
         [chromium, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=2500",
          "--dump-dom", f"{emu.url}/"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_until_parked(emu, proc)  # the page is loaded and waiting for new events
-        c.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(1, "live"))
+        _wait_until_parked(emu, proc)
+        send()
         dom, _ = proc.communicate(timeout=90)
     finally:
         try:  # the whole group: Chromium's helper processes too
@@ -61,10 +57,22 @@ def test_page_shows_an_event_sent_while_it_is_open(make_emulator, chromium, tmp_
         except ProcessLookupError:
             pass
         proc.wait()
-    dom = dom.decode()
     assert proc.returncode == 0
-    rows = re.findall(r'<tr class="event" data-uid="([^"]*)"', dom)
-    assert rows == ["uid-live0", "uid-before0"]  # newest first, arrived without a reload
+    return dom.decode()
+
+
+def _rows(dom: str) -> list[str]:
+    return re.findall(r'<tr class="event" data-uid="([^"]*)"', dom)
+
+
+@pytest.mark.timeout(120)
+def test_page_shows_an_event_sent_while_it_is_open(make_emulator, chromium, tmp_path):
+    emu = make_emulator()
+    c = client(emu)
+    c.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(1, "before"))
+    dom = _dom_after(emu, chromium, tmp_path / "profile", lambda: c.put_audit_events(
+        channelArn=CHANNEL_ARN, auditEvents=batch(1, "live")))
+    assert _rows(dom) == ["uid-live0", "uid-before0"]  # newest first, came without a reload
     assert re.search(r'id="accepted">2<', dom)
     assert re.search(r'data-refreshes="([2-9]|\d\d+)"', dom)
 
@@ -74,25 +82,9 @@ def test_page_jumps_to_the_newest_when_events_arrive_faster_than_it_shows(
         make_emulator, chromium, tmp_path):
     emu = make_emulator()
     c = client(emu)
-    profile = tmp_path / "chromium-profile"
-    proc = subprocess.Popen(
-        [chromium, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=2500",
-         "--dump-dom", f"{emu.url}/"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_until_parked(emu, proc)
-        # One call, one transaction: the long poll wakes to 100 new events, more than the 50
-        # the page shows, so its next refresh must jump to the newest 50.
-        c.put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(100, "burst"))
-        dom, _ = proc.communicate(timeout=90)
-    finally:
-        try:  # the whole group: Chromium's helper processes too
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    dom = dom.decode()
-    assert proc.returncode == 0
-    rows = re.findall(r'<tr class="event" data-uid="([^"]*)"', dom)
-    assert rows == [f"uid-burst{i}" for i in range(99, 49, -1)]
+    # One call, one transaction: the long poll wakes to 100 new events, more than the 50 the
+    # page shows, so its next refresh must jump to the newest 50 rather than fall behind.
+    dom = _dom_after(emu, chromium, tmp_path / "profile", lambda: c.put_audit_events(
+        channelArn=CHANNEL_ARN, auditEvents=batch(100, "burst")))
+    assert _rows(dom) == [f"uid-burst{i}" for i in range(99, 49, -1)]
     assert re.search(r'id="accepted">100<', dom)
