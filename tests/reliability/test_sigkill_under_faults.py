@@ -31,7 +31,8 @@ from relsupport import CHANNEL_ARN
 SEED = 20261127
 N_EVENTS = 50_000
 N_PREFILLED = 40_000            # the rest arrives from a concurrent writer during the kills
-KILLS = 12
+KILLS = 14
+EARLY_KILLS = 3                 # of which during start-up; the other 11 mid-delivery
 SEGMENT_EVENTS = 500
 EVENT_PAD = 200                 # ~500-byte events: realistic, and keeps the run within minutes
 FAULTS = dict(throttle_rate=0.05, error_5xx_rate=0.03, event_throttling_rate=0.02,
@@ -83,17 +84,21 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, procs, sink_env, caps
         cmd = relsupport.sink_cmd(spool, emu.url, CHANNEL_ARN, "--rescan-seconds", "2")
         writer.start()
         kill_log = []
+        # A few kills land during start-up (reading the spool, before any request); the
+        # others after this sink delivered something, at a random extra delay.
+        early = set(rng.sample(range(KILLS), EARLY_KILLS))
         for n in range(KILLS):
             proc = procs.start(cmd, sink_env, name=f"sink-{n:02d}")
-            accepted_at_start = emu.stats()["accepted"]
-            # Wait until this sink delivered something (so the kill lands mid-delivery), then kill
-            # after a random extra delay.
-            relsupport.wait_for(
-                lambda: proc.poll() is not None or emu.stats()["accepted"] > accepted_at_start,
-                timeout=60, what=f"sink #{n} to deliver")
+            if n in early:
+                time.sleep(rng.uniform(0.05, 0.8))
+            else:
+                accepted_at_start = emu.stats()["accepted"]
+                relsupport.wait_for(
+                    lambda: proc.poll() is not None or emu.stats()["accepted"] > accepted_at_start,
+                    timeout=60, what=f"sink #{n} to deliver")
+                time.sleep(rng.uniform(0.0, 1.2))
             assert proc.poll() is None, (
                 f"sink #{n} exited by itself with {proc.returncode}:\n{procs.tail(proc)}")
-            time.sleep(rng.uniform(0.0, 1.2))
             procs.kill(proc)
             assert proc.returncode == -9, f"sink #{n} ended with {proc.returncode} before the kill"
             kill_log.append(emu.stats()["accepted"])
@@ -116,7 +121,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, procs, sink_env, caps
         duplicates = len(stored) - len(counts)
         stats = emu.stats()
         with capsys.disabled():
-            print(f"\n[reliability] {N_EVENTS} events, {KILLS} SIGKILLs (seed {SEED}): "
+            print(f"\n[reliability] {N_EVENTS} events, {KILLS} SIGKILLs ({EARLY_KILLS} during start-up, seed {SEED}): "
                   f"lost={len(lost)} duplicates={duplicates} "
                   f"stored={len(stored)} requests={dict(stats.get('requests', {}))} "
                   f"per-event failures={dict(stats.get('failed', {}))} "
