@@ -121,7 +121,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, procs, sink_env, caps
         duplicates = len(stored) - len(counts)
         stats = emu.stats()
         with capsys.disabled():
-            print(f"\n[reliability] {N_EVENTS} events, {KILLS} SIGKILLs ({EARLY_KILLS} during start-up, seed {SEED}): "
+            print(f"\n[reliability] {N_EVENTS} events, {KILLS} SIGKILLs ({EARLY_KILLS} during "
+                  f"start-up, seed {SEED}): "
                   f"lost={len(lost)} duplicates={duplicates} "
                   f"stored={len(stored)} requests={dict(stats.get('requests', {}))} "
                   f"per-event failures={dict(stats.get('failed', {}))} "
