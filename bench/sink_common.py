@@ -25,13 +25,29 @@ PY = sys.executable
 _FAST_ENDPOINT = r'''
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import threading, time
+ARRIVALS = {}
+LOCK = threading.Lock()
+RECORD = sys.argv[2] == "record"
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     def log_message(self, *a): pass
+    def do_GET(self):  # /arrivals: {id: first arrival time} when started with "record"
+        with LOCK:
+            out = json.dumps(ARRIVALS).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         ids = [e["id"] for e in json.loads(body)["auditEvents"]]
+        if RECORD:
+            now = time.time()
+            with LOCK:
+                for i in ids:
+                    ARRIVALS.setdefault(i, now)
         out = json.dumps({"successful": [{"id": i, "eventID": i} for i in ids],
                           "failed": []}).encode()
         self.send_response(200)
@@ -86,10 +102,10 @@ def fill_spool(spool_dir: str, n: int, size: int = 1000, per_segment: int = 500)
 
 
 @contextlib.contextmanager
-def fast_endpoint():
+def fast_endpoint(record: bool = False):
     port = free_port()
-    proc = subprocess.Popen([PY, "-c", _FAST_ENDPOINT, str(port)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([PY, "-c", _FAST_ENDPOINT, str(port),
+                             "record" if record else "-"], stdout=subprocess.PIPE, text=True)
     try:
         proc.stdout.readline()
         yield f"http://127.0.0.1:{port}", proc
