@@ -32,7 +32,15 @@ end
 
 local function init()
   local ok, filter = pcall(require, "cloudtrail.filter")
-  if not ok then return nil, "cannot load cloudtrail.filter: " .. tostring(filter) end
+  if not ok then
+    -- A failed require leaves a "loading" marker (not a table) that would fail every retry.
+    for name, value in pairs(package.loaded) do
+      if type(name) == "string" and name:find("^cloudtrail%.") and type(value) ~= "table" then
+        package.loaded[name] = nil
+      end
+    end
+    return nil, "cannot load cloudtrail.filter: " .. tostring(filter)
+  end
   local cfg, problems = filter.config_from_env(os.getenv, DIR)
   for i = 1, #problems do log(problems[i]) end
   local created, f = pcall(filter.new, cfg)

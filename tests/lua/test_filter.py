@@ -257,3 +257,26 @@ def test_deep_records_are_kept_in_rejected(lua_filter, spool):
     first, second = read_folder(spool, "rejected", ".rej")
     assert first["record"] == deep
     assert isinstance(second["record"], bytes) and "deeper than 500" in second["reason"]
+
+
+def test_if_the_modules_cannot_load_records_pass_unchanged_and_a_tick_retries(spool, tmp_path):
+    from cloudtrail_sink.luaharness import ENTRY_SCRIPT, FilterHarness
+    from .conftest import STANDIN_MAPPER
+    rules = tmp_path / "rules.lua"
+    rules.write_text('return { format = 1, rules = { { tag_prefix = "app." } } }')
+    prelude = (f"package.path = {lua_str(MODULE_DIR)} .. '/?.lua;' .. package.path\n"
+               f"package.loaded['cloudtrail.mapper'] = dofile({lua_str(STANDIN_MAPPER)})\n"
+               "BROKEN = true\n"
+               "package.preload['cloudtrail.filter'] = function(name)\n"
+               "  if BROKEN then error('simulated broken install') end\n"
+               f"  return assert(loadfile({lua_str(MODULE_DIR / 'cloudtrail' / 'filter.lua')}))(name)\n"
+               "end\n")
+    h = FilterHarness(ENTRY_SCRIPT, env={"CLOUDTRAIL_SPOOL_DIR": str(spool),
+                                         "CLOUDTRAIL_MAPPINGS": str(rules)}, prelude=prelude)
+    assert h.call("app.x", START, {"msg": "a"}) == (0, START, {"msg": "a"})  # kept, not lost
+    assert h.call("cloudtrail.tick", START, {"tick": 1})[0] == -1  # still broken: retried
+    h.globals()[b"BROKEN"] = False
+    assert h.call("cloudtrail.tick", START, {"tick": 1})[0] == -1  # now it starts
+    assert h.call("app.x", START, {"msg": "b"})[0] == -1
+    [entry] = read_folder(spool, "tmp", ".open")  # in the open segment (real clock here)
+    assert entry["eventData"]["eventName"] == "b"
