@@ -18,7 +18,7 @@
 --   from_epoch(seconds) -> the same string for an epoch number in seconds.
 
 local floor, tonumber, type = math.floor, tonumber, type
-local find, format, sub = string.find, string.format, string.sub
+local find, format, sub, match = string.find, string.format, string.sub, string.match
 
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
@@ -80,6 +80,31 @@ end
 
 local SCALE = { epoch_s = 1, epoch_ms = 1e3, epoch_us = 1e6, epoch_ns = 1e9 }
 
+local DIGITS = { [1] = 0, [1e3] = 3, [1e6] = 6, [1e9] = 9 }
+
+-- Whole seconds of an epoch value in 1/scale units, rounded toward the past. Digit strings are
+-- split as text, so nanosecond values beyond 2^53 lose nothing; numbers are divided, with a
+-- correction for the division landing just below an exact multiple.
+local function epoch_seconds(v, scale)
+  if type(v) == "number" then
+    if v ~= v then return nil end
+    local sec = floor(v / scale)
+    if (sec + 1) * scale <= v then sec = sec + 1 end
+    return sec
+  end
+  if type(v) ~= "string" then return nil end
+  local sign, int, frac = match(v, "^%s*([-+]?)(%d+)%.?(%d*)%s*$")
+  if not int then return nil end
+  local k = DIGITS[scale]
+  local head, tail = sub(int, 1, #int - k), sub(int, #int - k + 1)
+  local sec = tonumber(head ~= "" and head or "0")
+  if sign == "-" then
+    sec = -sec
+    if find(tail, "[1-9]") or find(frac, "[1-9]") then sec = sec - 1 end
+  end
+  return sec
+end
+
 local function numeric(v)
   if type(v) == "number" then return v end
   if type(v) == "string" and find(v, "^%s*[-+]?%d+%.?%d*%s*$") then return tonumber(v) end
@@ -140,14 +165,10 @@ end
 
 local function to_utc(v, fmt, ref)
   local scale = SCALE[fmt]
-  if scale then
-    local n = numeric(v)
-    if not n then return nil end
-    return from_epoch(n / scale)
-  end
+  if scale then return from_epoch(epoch_seconds(v, scale)) end
   if fmt == "auto" then
     local n = numeric(v)
-    if n then return from_epoch(n / auto_scale(n)) end
+    if n then return from_epoch(epoch_seconds(v, auto_scale(n))) end
     if type(v) ~= "string" then return nil end
     return from_epoch(parse_rfc3339(v) or parse_rfc3164(v, ref))
   end
