@@ -182,3 +182,99 @@ def stored_uids(emu, channel_arn: str | None = None) -> list[str]:
 def stored_event_data(emu) -> list[dict]:
     """``eventData`` of every stored event (the service's wrapper removed), oldest first."""
     return [json.loads(r[0])["eventData"] for r in _query(emu, "SELECT body FROM events ORDER BY seq")]
+
+
+class RefusingProxy:
+    """A loopback HTTP proxy in front of the emulator that plays the service refusing some
+    events for good: while ``refusing`` is set, every event whose UID starts with ``prefix`` is
+    taken out of the request and answered in ``failed[]`` with ``code`` (as CloudTrail Data
+    answers ``AccountNotSubscribed`` or ``InvalidEventSource``); the rest is forwarded as is and
+    the two answers merged. The emulator checks only the form of SigV4 (no credentials), so a
+    shortened body still passes.
+    """
+
+    def __init__(self, upstream_url: str, prefix: str, code: str = "AccountNotSubscribed",
+                 message: str = "The account is not subscribed to CloudTrail Lake"):
+        import http.client
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        up = urllib.parse.urlsplit(upstream_url)
+        proxy = self
+        self.refusing = True
+        self.refused = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                failed = []
+                try:
+                    doc = json.loads(body)
+                    entries = doc.get("auditEvents") or []
+                except ValueError:
+                    doc, entries = None, []
+                if proxy.refusing and doc is not None:
+                    keep = []
+                    for entry in entries:
+                        try:
+                            uid = json.loads(entry.get("eventData") or "{}").get("UID", "")
+                        except ValueError:
+                            uid = ""
+                        if isinstance(uid, str) and uid.startswith(prefix):
+                            failed.append({"id": entry.get("id"), "errorCode": code,
+                                           "errorMessage": message})
+                        else:
+                            keep.append(entry)
+                    proxy.refused += len(failed)
+                    if not keep and failed:
+                        return self._answer(200, {"successful": [], "failed": failed})
+                    doc["auditEvents"] = keep
+                    body = json.dumps(doc).encode()
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in ("content-length", "connection")}
+                    headers["Content-Length"] = str(len(body))
+                    conn.request("POST", self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    status, resp_headers = resp.status, resp.getheaders()
+                finally:
+                    conn.close()
+                if status == 200 and failed:
+                    answer = json.loads(data)
+                    answer["failed"] = list(answer.get("failed") or []) + failed
+                    return self._answer(200, answer)
+                self.send_response(status)
+                for k, v in resp_headers:
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _answer(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="refusing-proxy")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)

@@ -139,3 +139,52 @@ def test_failed_line_is_json_with_code_and_message(tmp_path, procs, sink_env):
     (line,) = [json.loads(l) for l in text.splitlines()]
     assert line["errorCode"] == "InvalidData" and "eventTime" in line["errorMessage"]
     assert relsupport.stored_uids(emu) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_service_side_permanent_failures_are_dead_lettered_then_replayed_once(tmp_path, procs,
+                                                                              sink_env):
+    """The service itself refuses some events for good (``AccountNotSubscribed`` in
+    ``failed[]`` of a 200 answer, which the sink cannot foresee): those go to ``failed/`` with
+    the service's code and message while their neighbours are delivered; once the account is
+    subscribed, ``failed replay`` delivers them exactly once."""
+    from cloudtrail_sink.emulator import Emulator
+    from cloudtrail_sink.spool import SpoolWriter
+
+    spool = tmp_path / "spool"
+    uids = [f"{'svc-refused' if i % 7 == 0 else 'svc-ok'}-{i:04d}" for i in range(700)]
+    with SpoolWriter(spool, max_events=150) as writer:
+        for uid in uids:
+            writer.write(relsupport.make_event(uid), tag="svc")
+    refused = {u for u in uids if u.startswith("svc-refused")}
+
+    emu = Emulator(db_path=tmp_path / "emulator.sqlite", channels={CHANNEL_ARN: None}, seed=4)
+    emu.start()
+    proxy = relsupport.RefusingProxy(emu.url, prefix="svc-refused")
+    try:
+        first = procs.start(relsupport.sink_cmd(spool, proxy.url, CHANNEL_ARN, "--drain"),
+                            sink_env, name="sink-refused")
+        assert relsupport.wait_exit(first, 120) == 0, procs.tail(first)
+        assert proxy.refused >= len(refused)
+        lines = relsupport.failed_lines(spool)
+        assert sorted(l["eventData"]["UID"] for l in lines) == sorted(refused)
+        for line in lines:
+            assert line["errorCode"] == "AccountNotSubscribed"
+            assert line["errorMessage"] == "The account is not subscribed to CloudTrail Lake"
+        assert collections.Counter(relsupport.stored_uids(emu)) == \
+            collections.Counter(u for u in uids if u not in refused)
+
+        proxy.refusing = False  # the account got subscribed
+        replay = relsupport.cli(["failed", "replay", "--spool-dir", str(spool)], sink_env)
+        assert replay.returncode == 0, replay.stderr
+        second = procs.start(relsupport.sink_cmd(spool, proxy.url, CHANNEL_ARN, "--drain"),
+                             sink_env, name="sink-subscribed")
+        assert relsupport.wait_exit(second, 120) == 0, procs.tail(second)
+
+        assert relsupport.failed_lines(spool) == []
+        assert collections.Counter(relsupport.stored_uids(emu)) == collections.Counter(uids)
+    finally:
+        procs.cleanup()
+        proxy.stop()
+        emu.stop()
