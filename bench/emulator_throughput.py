@@ -13,6 +13,7 @@ Figures printed, next to baselines measured in the same run against the same pro
 - the emulator's CPU time per call (all its processes): a figure that does not depend on how
   busy the machine is with other work;
 - baseline: ``GET /healthz`` calls/s (the HTTP stack alone, no checks, no storage);
+- how fast everything stored pages back through ``/_emulator/events?limit=10000``;
 - the target: the sink at 10,000 events/s needs 100 calls/s of 100 events.
 Also prints, with --with-credentials, the figure when signatures are verified.
 
@@ -147,6 +148,30 @@ def _delayed_loop(args):
     return client_loop((port, worker, kind, event_bytes, deadline))
 
 
+def read_back(port: int) -> dict:
+    """Page through everything stored with GET /_emulator/events?limit=10000 (as tests do).
+
+    Serving time (request to last byte) and the reader's JSON decoding are timed apart: the
+    second is the reader's cost, not the emulator's.
+    """
+    serving = decoding = 0.0
+    count, cursor = 0, 0
+    while True:
+        url = f"http://127.0.0.1:{port}/_emulator/events?limit=10000&after={cursor}"
+        started = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=120) as resp:
+            raw = resp.read()
+        read_at = time.perf_counter()
+        page = json.loads(raw)
+        decoding += time.perf_counter() - read_at
+        serving += read_at - started
+        if not page["events"]:
+            break
+        count, cursor = count + len(page["events"]), page["next"]
+    return {"events": count, "served_events_per_s": count / serving if serving else 0.0,
+            "decoded_events_per_s": count / decoding if decoding else 0.0}
+
+
 def start_emulator(tmp: str, with_credentials: bool, workers: int | None
                    ) -> tuple[subprocess.Popen, int]:
     port = free_port()
@@ -213,6 +238,8 @@ def main() -> int:
                               args.event_bytes)
                 put["events_per_s"] = put["calls_per_s"] * 100
                 results[f"put_{name}"] = put
+                if name == "cli_default":
+                    results["read_back"] = read_back(port)
             finally:
                 stop_emulator(proc)
             os.remove(os.path.join(tmp, "bench.sqlite"))
@@ -234,6 +261,10 @@ def main() -> int:
             print(f"  PutAuditEvents, {key[4:]:<12} {value['calls_per_s']:7.0f} calls/s = "
                   f"{value['events_per_s']:7.0f} events/s; emulator CPU "
                   f"{value['emulator_cpu_ms_per_call']:.1f} ms/call (errors: {value['errors']})")
+    back = results["read_back"]
+    print(f"  reading them back, /_emulator/events?limit=10000: {back['events']} events served "
+          f"at {back['served_events_per_s']:.0f} events/s (the reader decoded them at "
+          f"{back['decoded_events_per_s']:.0f} events/s)")
     print("  needed for the sink at 10,000 events/s:   100 calls/s")
     return 0
 
