@@ -39,7 +39,7 @@ from typing import Any, Callable, TextIO
 from . import events, spool
 from .backoff import FullJitter, Pause
 from .batcher import Batcher, Item
-from .config import SinkConfig, parse_listen
+from .config import ConfigError, SinkConfig, parse_listen
 from .deadletter import DeadLetters, failure_line
 from .ledger import Ledger, Segment
 from .metrics import Metrics
@@ -146,7 +146,13 @@ class Runner:
             if cfg.listen and not cfg.dry_run:
                 from .httpserver import StatusServer
                 host, port = parse_listen(cfg.listen)
-                self.http = StatusServer(host, port, self.metrics.registry, self.health, self.ready)
+                try:
+                    self.http = StatusServer(host, port, self.metrics.registry, self.health,
+                                             self.ready)
+                except OSError as exc:
+                    raise ConfigError(f"--listen {cfg.listen}: cannot listen there "
+                                      f"({exc.strerror}); pick a free port, port 0 for any, "
+                                      "or an empty value for no HTTP server") from None
                 self.http.start()
             if cfg.dry_run:
                 self.queue.scan()

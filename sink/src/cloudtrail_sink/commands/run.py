@@ -76,6 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         return runner.run()
+    except ConfigError as exc:
+        print(f"cloudtrail-sink run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except LockHeld as exc:
         print(f"cloudtrail-sink run: {exc}", file=sys.stderr)
         return EXIT_LOCKED
