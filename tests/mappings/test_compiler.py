@@ -145,3 +145,56 @@ def test_compiled_file_with_code_is_refused(tmp_path):
     from cloudtrail_sink.mappings import MapperLoadError
     with pytest.raises(MapperLoadError, match="not pure data"):
         LuaMapper.from_file(bad)
+
+
+CHECKED = """\
+rules:
+  - name: only-app
+    match: {tag: "app.*"}
+    oversize: reject
+    event:
+      userIdentity: {type: T, principalId: $user}
+      eventSource: s
+      eventName: $what
+examples:
+  - name: maps
+    tag: app.a
+    time: 1764237600
+    record: {user: u, what: w, id: 1}
+    rule: only-app
+    expect:
+      eventSource: s
+      eventName: w
+      eventTime: "2025-11-27T10:00:00Z"
+      UID: %s
+      userIdentity: {type: T, principalId: u}
+  - name: refused
+    tag: other
+    record: {user: u}
+    expect_rejected: "no mapping rule matched tag 'other'"
+  - name: no eventName
+    tag: app.b
+    record: {user: u}
+    expect_rejected: "eventName has no value"
+"""
+
+
+def test_check_runs_expect_and_expect_rejected(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    mapper = LuaMapper(compile_files([_write(path, CHECKED % "x")]).lua_text())
+    uid = mapper.map("app.a", 1764237600, {"user": "u", "what": "w", "id": 1}).event["UID"]
+    _write(path, CHECKED % uid)
+    assert main(["mappings", "check", str(path)]) == 0
+    assert "3 examples passed, 0 failed" in capsys.readouterr().out
+    # each kind of example fails when the rules change under it
+    _write(path, (CHECKED % uid).replace("eventName: $what", "eventName: {first: [$what, x]}")
+           .replace('tag: "app.*"', 'tag: "*"'))
+    assert main(["mappings", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "refused: expected a rejection, got an event" in out
+    assert "no eventName: expected a rejection" in out and "1 examples passed, 2 failed" in out
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
