@@ -188,8 +188,13 @@ local K_EVENT_DATA, K_TAG, K_TIME = str("eventData"), str("tag"), str("time")
 local K_REASON, K_RECORD = str("reason"), str("record")
 local HEADER3, HEADER4 = map_header(3), map_header(4)
 
+-- One buffer for every event: a fresh table would be regrown (and rehashed) per record.
+-- Slots past the last event's length only keep old strings alive until overwritten.
+local event_buf = {}
+
 local function encode_event(tag_str, time_bytes, event)
-  local buf = { HEADER3, K_EVENT_DATA }
+  local buf = event_buf
+  buf[1], buf[2] = HEADER3, K_EVENT_DATA
   local n = encode_parts(buf, 2, event, EVENT_OPTS)
   buf[n + 1] = K_TAG
   buf[n + 2] = tag_str
