@@ -53,7 +53,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import lupa.luajit21 as _lupa
@@ -345,30 +344,29 @@ def to_msgpack(value: Any, lua: Any | None = None) -> bytes:
     return packer.pack(mark(tree))
 
 
-@dataclass
 class FilterHarness:
     """One ``filter_lua`` instance: a script, its call name, its own Lua state and environment.
 
-    ``env`` is what ``os.getenv`` sees inside the script (nothing else of the process
-    environment leaks in). ``time_as_table`` and ``enable_flb_null`` mirror the filter options.
-    ``prelude`` is Lua code run in the state before the script (tests use it to replace the
-    clock or pre-load a stand-in module through ``package.loaded``); Fluent Bit has no such
-    thing.
+    ``FilterHarness(script, call="cb_cloudtrail", env={...})``. ``env`` is what ``os.getenv``
+    sees inside the script (nothing else of the process environment leaks in).
+    ``time_as_table`` and ``enable_flb_null`` mirror the filter options. ``prelude`` is Lua code
+    run in the state before the script (tests use it to replace the clock or pre-load a
+    stand-in module through ``package.loaded``); Fluent Bit has no such thing.
     """
 
-    script: str | os.PathLike
-    call_name: str = ENTRY_CALL
-    env: Mapping[str, str] | None = None
-    time_as_table: bool = False
-    enable_flb_null: bool = False
-    prelude: str | None = None
-
-    def __post_init__(self) -> None:
-        self.script = os.fspath(self.script)
+    def __init__(self, script: str | os.PathLike, call: str = ENTRY_CALL,
+                 env: Mapping[str, str] | None = None, time_as_table: bool = False,
+                 enable_flb_null: bool = False, prelude: str | None = None) -> None:
+        self.script = os.fspath(script)
+        self.call_name = call
+        self.env = dict(env or {})
+        self.time_as_table = time_as_table
+        self.enable_flb_null = enable_flb_null
+        self.prelude = prelude
         self.lua = new_runtime()
         self._h = _helpers(self.lua)
         env_table = self.lua.table()
-        for key, val in (self.env or {}).items():
+        for key, val in self.env.items():
             env_table[key.encode()] = str(val).encode()
         self._h.install_env(env_table)
         if self.enable_flb_null:
