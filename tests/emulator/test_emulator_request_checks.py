@@ -255,3 +255,15 @@ def test_account_in_arn_is_used_for_recipient_check(make_emulator):
     response = client(emu).put_audit_events(channelArn=other, auditEvents=batch(1))
     assert response["failed"][0]["errorCode"] == "InvalidRecipient"
     assert ACCOUNT not in response["failed"][0]["errorMessage"]
+
+
+def test_order_shape_then_channel_then_duplicates(make_emulator):
+    # The documented order: a malformed body is refused before the channel is looked up, and
+    # an unknown channel before duplicate ids are looked at.
+    c = client(make_emulator(), config=NO_CLIENT_VALIDATION)
+    with pytest.raises(ClientError) as excinfo:
+        c.put_audit_events(channelArn=OTHER_CHANNEL, auditEvents=batch(101))
+    assert error_of(excinfo) == ("ValidationException", 400)
+    with pytest.raises(c.exceptions.ChannelNotFound):
+        c.put_audit_events(channelArn=OTHER_CHANNEL,
+                           auditEvents=[audit_event("d"), audit_event("d")])

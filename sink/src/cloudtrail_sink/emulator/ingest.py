@@ -80,17 +80,24 @@ class PutAuditEvents:
         if fault is not None:
             raise ApiError(*fault)
 
-        checked = self.checker.check(body, arn.arn, arn.account, arn.region, _now_text())
-        if isinstance(checked, BodyError):
-            raise ApiError(*checked)
+        channel_error = None
         if not self.channels.exists(arn.arn) or arn.region != region:
             where = "" if arn.region == region else (
                 f" (the channel is in {arn.region}, the call was signed for {region})")
-            raise ApiError(400, "ChannelNotFound", f"The channel could not be found{where}.")
-        if not self.channels.external_id_ok(arn.arn, external_id):
-            raise ApiError(400, "ChannelInsufficientPermission",
-                           "The externalId is missing or does not match the one the channel's "
-                           "resource policy requires.")
+            channel_error = ApiError(400, "ChannelNotFound",
+                                     f"The channel could not be found{where}.")
+        elif not self.channels.external_id_ok(arn.arn, external_id):
+            channel_error = ApiError(400, "ChannelInsufficientPermission",
+                                     "The externalId is missing or does not match the one the "
+                                     "channel's resource policy requires.")
+        # The body's shape is judged first (as the service's front end does); its events are
+        # only checked when the channel will take them.
+        checked = self.checker.check(body, arn.arn, arn.account, arn.region, _now_text(),
+                                     channel_error is None)
+        if isinstance(checked, BodyError):
+            raise ApiError(*checked)
+        if channel_error is not None:
+            raise channel_error
         if checked.duplicate is not None:
             raise ApiError(400, "DuplicatedAuditEventId",
                            f"Two or more entries in the request have the same event ID "
