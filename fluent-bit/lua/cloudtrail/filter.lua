@@ -51,7 +51,7 @@ M.DEFAULTS = {
 -- Python's msgpack refuse nesting beyond ~1000 levels).
 local REJECTED_MAX_DEPTH = 500
 local OPAQUE_MAX_DEPTH = 5000
-local EVENT_MAX_DEPTH = 100
+local EVENT_MAX_DEPTH = 250 -- the sink serializes eventData with orjson (255 levels)
 local LOG_INTERVAL = 60
 
 local function positive_int(getenv, name, default, problems)
