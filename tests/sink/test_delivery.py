@@ -293,3 +293,13 @@ def test_memory_stays_bounded_by_the_pending_limit(tmp_path):
     runner.run()
     assert os.listdir(spool_dir / "ready") == []
     assert 100 <= peak <= 250
+
+
+def test_requests_near_the_size_limit_are_accepted_by_the_emulator(tmp_path, emulator):
+    spool_dir = tmp_path / "spool"
+    big = {"blob": 'q"' * 33_000}  # escaped twice on the wire: 4 bytes per 2 characters
+    fill(spool_dir, [event(i, requestParameters=big, responseElements=big) for i in range(12)])
+    runner = run_drain(config(spool_dir, emulator.url, linger_ms=10_000))
+    assert sorted(stored_uids(emulator)) == sorted(f"evt-{i}" for i in range(12))
+    assert emulator.stats()["requests"] == {"ok": 4}  # 3 per request fit in 999,000 bytes
+    assert metric(runner, "requests_total", {"outcome": "split"}) == 0
