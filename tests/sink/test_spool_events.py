@@ -161,3 +161,15 @@ def test_entry_size_is_exactly_what_botocore_sends():
     entries = [b.entry() for b in built]
     req = serializer.serialize_to_request({"auditEvents": entries, "channelArn": "arn"}, op)
     assert len(req["body"]) == events.request_size([b.size for b in built])
+
+
+def test_deeply_nested_events_are_serialized_like_the_json_module_does():
+    deep = {}
+    cur = deep
+    for _ in range(300):  # deeper than orjson's 254 levels; the Lua writer allows 250
+        cur["a"] = {}
+        cur = cur["a"]
+    data = event(1, additionalEventData=deep, version="1.0", recipientAccountId=ACCOUNT)
+    built = events.build({"eventData": data}, ACCOUNT)
+    assert isinstance(built, events.Prepared)
+    assert json.loads(built.text) == data and built.checksum == schema.checksum(built.text)

@@ -75,7 +75,13 @@ def dumps(event_data: Any) -> bytes:
     carry (binary strings, lone surrogates, integers beyond 64 bits) raise ``TypeError``;
     non-finite floats (NaN, Infinity) become ``null``, as orjson does.
     """
-    return orjson.dumps(event_data, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        return orjson.dumps(event_data, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError as exc:
+        if "ecursion" not in str(exc):
+            raise
+        # orjson stops at 254 levels of nesting; the json module goes deeper.
+        return schema.dumps(event_data).encode("utf-8")
 
 
 def checksum(raw: bytes) -> str:
@@ -161,7 +167,7 @@ def build(record: Any, account_id: str | None, max_entry_bytes: int | None = Non
     data = prepare(record["eventData"], account_id)
     try:
         raw = dumps(data)
-    except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+    except (TypeError, ValueError, RecursionError) as exc:  # JSONEncodeError is a TypeError
         return Rejected(eid, "InvalidData", "sink: eventData holds a value JSON cannot carry "
                         f"({str(exc).split(':')[0][:80]})", data)
     try:
