@@ -280,3 +280,24 @@ def test_if_the_modules_cannot_load_records_pass_unchanged_and_a_tick_retries(sp
     assert h.call("app.x", START, {"msg": "b"})[0] == -1
     [entry] = read_folder(spool, "tmp", ".open")  # in the open segment (real clock here)
     assert entry["eventData"]["eventName"] == "b"
+
+
+def test_the_filter_defines_only_its_entry_globals(lua_filter, spool):
+    f = lua_filter()
+    before = {k for k in f.harness.globals().keys()}
+    f.call("app.x", START, {"msg": "a"})
+    f.call("nomatch", START, {"msg": "b"})
+    f.seal()
+    after = {k for k in f.harness.globals().keys()}
+    assert after - before == set()
+    fresh = LuaFilterGlobals()
+    assert {b"cb_cloudtrail", b"CLOUDTRAIL_SHUTDOWN_HOOK"} <= before
+    assert before - fresh.names - {b"FAKE_NOW"} == {b"cb_cloudtrail", b"CLOUDTRAIL_SHUTDOWN_HOOK"}
+
+
+class LuaFilterGlobals:
+    """The globals of a fresh state as the harness makes it (what Fluent Bit's state has)."""
+
+    def __init__(self) -> None:
+        from cloudtrail_sink.luaharness import new_runtime
+        self.names = set(new_runtime().globals().keys())
