@@ -203,6 +203,21 @@ local function encode_event(tag_str, time_bytes, event)
   return table_concat(buf, "", 1, n + 4)
 end
 
+-- Tags repeat: keep their msgpack form (false when not UTF-8), at most TAG_CACHE_MAX of them.
+local TAG_CACHE_MAX = 1024
+local tag_cache, tag_cache_size = {}, 0
+
+local function encoded_tag(tag)
+  local bytes = tag_cache[tag]
+  if bytes == nil then
+    bytes = utf8_valid(tag) and str(tag)
+    if tag_cache_size >= TAG_CACHE_MAX then tag_cache, tag_cache_size = {}, 0 end
+    tag_cache[tag] = bytes
+    tag_cache_size = tag_cache_size + 1
+  end
+  return bytes
+end
+
 local function safe_text(s)
   s = tostring(s)
   if utf8_valid(s) then return s end
@@ -258,8 +273,9 @@ function Filter:process(tag, timestamp, record)
   local event, reason = self:map(tag, timestamp, record)
   local err
   if event ~= nil then
-    if type(tag) == "string" and utf8_valid(tag) then
-      local ok, data = pcall(encode_event, str(tag), time_bytes, event)
+    local tag_bytes = type(tag) == "string" and encoded_tag(tag)
+    if tag_bytes then
+      local ok, data = pcall(encode_event, tag_bytes, time_bytes, event)
       if ok then
         local written, write_err = self.spool:append_event(data)
         if written then
