@@ -68,6 +68,8 @@ def main() -> int:
     ap.add_argument("--event-bytes", type=int, default=1000)
     ap.add_argument("--max-in-flight", type=int, default=4)
     ap.add_argument("--emulator", action="store_true")
+    ap.add_argument("--sink-arg", action="append", default=[],
+                    help="extra argument for cloudtrail-sink run (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -82,7 +84,7 @@ def main() -> int:
         endpoint = (common.emulator_process(tmp, quota=0) if args.emulator
                     else common.fast_endpoint())
         with endpoint as (url, _):
-            extra = ["--max-in-flight", str(args.max_in_flight)]
+            extra = ["--max-in-flight", str(args.max_in_flight)] + args.sink_arg
             empty = common.run_measured(common.sink_run_cmd(empty_dir, url, *extra), env)
             sink = common.run_measured(common.sink_run_cmd(spool_dir, url, *extra), env)
             if sink["rc"] != 0:

@@ -135,3 +135,28 @@ def test_pause_doubles_up_to_its_cap_and_clears_on_success():
     assert p.remaining() == 0 and p.paused  # still paused until a request succeeds
     p.succeed()
     assert not p.paused and p.fail("x") == 1.0
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 3), st.integers(0, 27_000)),
+                min_size=1, max_size=300),
+       st.integers(1, 100), st.integers(40_000, 200_000))
+def test_every_batch_respects_the_limits_and_every_event_goes_exactly_once(
+        specs, max_events, max_bytes):
+    b = Batcher(max_events=max_events, max_bytes=max_bytes, linger=0.2, clock=FakeClock())
+    added = []
+    for uid, variant, pad in specs:  # same uid + variant: identical; other variant: differs
+        it = item(uid, pad=pad, eventName=f"v{variant}")
+        added.append(it)
+        b.add(it)
+    settled = []
+    for batch in drain(b):
+        ids = [it.p.id for it in batch]
+        assert 1 <= len(batch) <= max_events and len(ids) == len(set(ids))
+        assert events.request_size([it.p.size for it in batch]) <= max_bytes
+        for it in batch:
+            settled.extend(it.all())
+    assert sorted(map(id, settled)) == sorted(map(id, added))

@@ -303,3 +303,21 @@ def test_requests_near_the_size_limit_are_accepted_by_the_emulator(tmp_path, emu
     assert sorted(stored_uids(emulator)) == sorted(f"evt-{i}" for i in range(12))
     assert emulator.stats()["requests"] == {"ok": 4}  # 3 per request fit in 999,000 bytes
     assert metric(runner, "requests_total", {"outcome": "split"}) == 0
+
+
+def test_healthz_fails_when_events_are_stuck_and_not_while_paused(tmp_path):
+    now = [1000.0]
+    runner = Runner(config(tmp_path / "spool", stuck_seconds=60), sender=ScriptedService(),
+                    monotonic=lambda: now[0])
+    seg = runner.ledger.open("s", "/nonexistent")
+    runner.ledger.add(seg, 5)
+    assert runner.health()[0]
+    now[0] += 61
+    ok, info = runner.health()
+    assert not ok and info["pending_events"] == 5 and info["seconds_since_progress"] == 61
+    runner.pause.fail("ChannelNotFound: x")
+    assert runner.health()[0]  # paused for a configuration error: not a reason to restart
+    assert not runner.ready()[0]
+    runner.pause.succeed()
+    runner.ledger.finalize(seg, 5)
+    assert runner.health()[0] and runner.ready()[0]
