@@ -301,3 +301,11 @@ class LuaFilterGlobals:
     def __init__(self) -> None:
         from cloudtrail_sink.luaharness import new_runtime
         self.names = set(new_runtime().globals().keys())
+
+
+def test_a_clock_stepped_back_does_not_hold_a_segment(lua_filter, spool):
+    f = lua_filter()
+    f.call("app.x", START, {"msg": "a"})
+    f.now = START - 3600  # NTP stepped the clock back an hour
+    f.tick()
+    assert len(names(spool, "ready")) == 1

@@ -216,8 +216,12 @@ function Stream:seal()
 end
 
 function Stream:seal_if_old(now)
-  if self.file and now - self.opened_at >= self.w.max_age then
-    return self:seal()
+  if self.file then
+    local age = now - self.opened_at
+    -- A clock stepped back (negative age) must not hold a segment back until it catches up.
+    if age >= self.w.max_age or age < 0 then
+      return self:seal()
+    end
   end
   return true
 end
