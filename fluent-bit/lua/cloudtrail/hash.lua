@@ -13,6 +13,7 @@ local bit = require("bit")
 local band, bor, bxor, lshift, rshift, tobit, tohex =
   bit.band, bit.bor, bit.bxor, bit.lshift, bit.rshift, bit.tobit, bit.tohex
 local byte, format, sub = string.byte, string.format, string.sub
+local floor = math.floor
 local concat, sort = table.concat, table.sort
 local type, pairs, tostring, getmetatable = type, pairs, tostring, getmetatable
 
@@ -120,13 +121,20 @@ local function is_array(t)
   return t[1] ~= nil
 end
 
+-- Pieces go into buf unjoined (numbers too: table.concat formats them), so serializing a
+-- record makes no intermediate strings.
 local function serialize(v, buf, n)
   local tv = type(v)
   if tv == "string" then
-    n = n + 1; buf[n] = "s" .. #v .. ":"
-    n = n + 1; buf[n] = v
+    buf[n + 1] = "s"; buf[n + 2] = #v; buf[n + 3] = ":"; buf[n + 4] = v
+    return n + 4
   elseif tv == "number" then
-    n = n + 1; buf[n] = format("n%.17g;", v)
+    n = n + 1
+    if v == floor(v) and v > -1e14 and v < 1e14 then
+      buf[n] = "n"; buf[n + 1] = v; buf[n + 2] = ";"
+      return n + 2
+    end
+    buf[n] = format("n%.17g;", v)
   elseif tv == "boolean" then
     n = n + 1; buf[n] = v and "T" or "F"
   elseif tv == "table" then
@@ -144,9 +152,8 @@ local function serialize(v, buf, n)
       n = n + 1; buf[n] = "{"
       for i = 1, nk do
         local k = keys[i]
-        n = n + 1; buf[n] = "s" .. #k .. ":"
-        n = n + 1; buf[n] = k
-        n = serialize(byname[k], buf, n)
+        buf[n + 1] = "s"; buf[n + 2] = #k; buf[n + 3] = ":"; buf[n + 4] = k
+        n = serialize(byname[k], buf, n + 4)
       end
       n = n + 1; buf[n] = "}"
     end

@@ -58,13 +58,28 @@ end
 
 local decode_value
 
+-- Byte loops rather than string.find with character classes: LuaJIT compiles these.
 local function skip_ws(s, i)
-  local _, e = find(s, "^[ \t\r\n]*", i)
-  return e + 1
+  local c = byte(s, i)
+  if c ~= 32 and c ~= 10 and c ~= 13 and c ~= 9 then return i end
+  for j = i + 1, #s do
+    c = byte(s, j)
+    if c ~= 32 and c ~= 10 and c ~= 13 and c ~= 9 then return j end
+  end
+  return #s + 1
 end
 
 local function decode_string(s, i)
-  -- s[i] is the opening quote
+  -- s[i] is the opening quote; fast path: no escape before the closing quote
+  -- (a numeric for: LuaJIT traces these loops reliably, unlike while loops inside hot calls)
+  local escaped = false
+  for j = i + 1, #s do
+    local c = byte(s, j)
+    if c == 34 then return sub(s, i + 1, j - 1), j + 1 end
+    if c == 92 then escaped = true; break end
+    if c < 32 then return nil, "control character in string" end
+  end
+  if not escaped then return nil, "unterminated string" end
   local j = i + 1
   local parts, np = nil, 0
   local start = j
@@ -170,16 +185,25 @@ decode_value = function(s, i, depth)
     if sub(s, i, i + 4) == "false" then return false, i + 5 end
   elseif c == 110 then
     if sub(s, i, i + 3) == "null" then return nil, i + 4 end
-  else
-    local _, e = find(s, "^-?%d+%.?%d*[eE]?[-+]?%d*", i)
-    if e then
-      local txt = sub(s, i, e)
-      if find(txt, "^-?0%d") or not find(txt, "^-?%d+$") and not find(txt, "^-?%d+%.%d+$")
-         and not find(txt, "^-?%d+%.%d+[eE][-+]?%d+$") and not find(txt, "^-?%d+[eE][-+]?%d+$") then
-        return "bad number", nil
-      end
-      return tonumber(txt), e + 1
+  elseif c == 45 or (c and c >= 48 and c <= 57) then
+    -- a number: scan its characters, let tonumber judge; then refuse what JSON does not allow
+    local e = i + 1
+    local d = byte(s, e)
+    while d and ((d >= 48 and d <= 57) or d == 46 or d == 101 or d == 69 or d == 43 or d == 45) do
+      e = e + 1
+      d = byte(s, e)
     end
+    local txt = sub(s, i, e - 1)
+    local n = tonumber(txt)
+    local first = byte(txt, c == 45 and 2 or 1)
+    local last = byte(txt, #txt)
+    if n == nil or not first or first < 48 or first > 57 or last < 48 or last > 57
+       or (first == 48 and #txt > (c == 45 and 2 or 1) and byte(txt, c == 45 and 3 or 2) ~= 46
+           and byte(txt, c == 45 and 3 or 2) ~= 101 and byte(txt, c == 45 and 3 or 2) ~= 69)
+       or find(txt, ".", 1, true) and not find(txt, "%.%d") then
+      return "bad number", nil
+    end
+    return n, e
   end
   return "unexpected character", nil
 end
