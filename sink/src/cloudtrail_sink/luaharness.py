@@ -13,12 +13,12 @@ Loading (``FilterHarness``)
   replaced inside the Lua state by a lookup in the ``env`` mapping given to the harness, so
   tests never touch the process environment.
 
-Python -> Lua (what ``flb_lua_pushmpack`` does with the record's msgpack)
+Python -> Lua (what ``flb_lua_pushmsgpack`` does with the record's msgpack)
   ``dict`` -> table whose metatable is ``{type = 2}`` (FLB_LUA_L2C_TYPE_MAP); ``list``/``tuple``
   -> table with metatable ``{type = 1}`` (FLB_LUA_L2C_TYPE_ARRAY), items at 1..n, a ``None``
   item leaves a hole; every table gets its own fresh metatable. ``int`` -> Lua number (a
-  double: above 2^53 precision is lost; msgpack uint >= 2^63 wraps to negative as the C cast
-  does); ``float`` -> number; ``bool`` -> boolean; ``str`` -> its UTF-8 bytes; ``bytes`` (msgpack
+  double: above 2^53 precision is lost; ``lua_pushinteger((double) u64)`` overflows for values
+  that round to 2^63 or more and gives -2^63, as on x86-64); ``float`` -> number; ``bool`` -> boolean; ``str`` -> its UTF-8 bytes; ``bytes`` (msgpack
   bin) and ``msgpack.ExtType`` (ext: only its data) -> string; ``None`` -> the global
   ``flb_null`` (nil unless the script or ``enable_flb_null`` set it). A ``None`` or NaN map key
   makes Fluent Bit's ``lua_settable`` fail outside any protection: the harness raises
@@ -216,9 +216,11 @@ def _helpers(lua: Any) -> "_Helpers":
 def _int_to_number(value: int) -> float:
     if value < INT64_MIN or value > UINT64_MAX:
         raise HarnessError(f"integer {value} does not fit msgpack (int64/uint64)")
-    if value > INT64_MAX:
-        value -= 2**64  # lua_pushinteger((lua_Integer) uint64): the C cast wraps
-    return float(value)
+    number = float(value)  # (double) o->via.u64 / i64
+    if number >= 2.0**63:
+        # then converted to lua_Integer (int64): out of range, x86-64 yields INT64_MIN
+        return float(INT64_MIN)
+    return number
 
 
 def to_lua(lua: Any, value: Any, helpers: "_Helpers | None" = None) -> Any:
