@@ -128,8 +128,14 @@ def test_full_jitter_formula():
 def test_pause_doubles_up_to_its_cap_and_clears_on_success():
     clock = FakeClock()
     p = Pause(base=1.0, cap=8.0, clock=clock, rand=SeqRandom([1.0] * 6))
-    lengths = [p.fail("ChannelNotFound") for _ in range(5)]
+    lengths = []
+    for _ in range(5):
+        lengths.append(p.fail("ChannelNotFound"))
+        # Requests in flight when the pause began fail too: they must not double it again.
+        assert p.fail("ChannelNotFound") is None
+        clock.t += lengths[-1]
     assert lengths == [1.0, 2.0, 4.0, 8.0, 8.0]
+    clock.t -= 8.0
     assert p.paused and p.remaining() == 8.0 and p.reason == "ChannelNotFound"
     clock.t += 8.0
     assert p.remaining() == 0 and p.paused  # still paused until a request succeeds

@@ -43,9 +43,13 @@ class Pause:
         self.reason: str | None = None
         self._lock = threading.Lock()
 
-    def fail(self, reason: str) -> float:
-        """Record one more failure; returns the pause length in seconds."""
+    def fail(self, reason: str) -> float | None:
+        """Record one more failure and start a pause; returns its length in seconds, or None
+        when a pause is already running (requests that were in flight when it started must not
+        double it again)."""
         with self._lock:
+            if self.until > self.clock():
+                return None
             ceiling = min(self.cap, self.base * (2 ** min(self.failures, 30)))
             length = ceiling / 2 + self.rand.random() * ceiling / 2
             self.failures += 1

@@ -519,6 +519,9 @@ class Runner:
             self._dead_letter([(batch[0], exc.code, exc.message)])
         else:
             length = self.pause.fail(f"{exc.code}: {exc.message}")
+            if length is None:  # a pause is already running: wait for it with the others
+                self.batcher.retry(batch, self.pause.remaining())
+                return
             log.error("DELIVERY PAUSED: the service refused the channel or the credentials; "
                       "nothing is deleted, retrying later", extra={
                           "code": exc.code, "status": exc.status, "error": exc.message,
