@@ -94,6 +94,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One decoder for every call: json.loads with hooks would build a new one per event.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def check_event_text(text: Any, account_id: str | None, event_checksum: str | None = None
                      ) -> Problem | None:
     """Check ``eventData`` as sent on the wire (a string) the way the service does."""
@@ -111,7 +115,7 @@ def parse_event_text(text: Any, account_id: str | None, event_checksum: str | No
         return None, Problem("InvalidChecksum",
                              "eventDataChecksum does not match the SHA-256 of eventData")
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = _DECODER.decode(text)
     except (ValueError, RecursionError):
         return None, Problem("InvalidData", "eventData is not valid JSON")
     # A \uD800-style escape decodes to a lone surrogate, which no UTF-8 store can hold.

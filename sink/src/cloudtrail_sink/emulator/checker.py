@@ -23,7 +23,6 @@ import re
 import subprocess
 import sys
 import threading
-import uuid
 from typing import NamedTuple
 
 from .. import schema
@@ -66,17 +65,29 @@ def check_body(body: bytes, arn: str, account: str, region: str, ingestion_time:
     if duplicate is not None or not check_events:
         return Checked(ids, duplicate, [])
     outcomes = []
-    for entry in entries:
+    new_ids = _uuid4s(len(entries))
+    for entry, event_id in zip(entries, new_ids):
         text = entry["eventData"]
         data, problem = schema.parse_event_text(text, account, entry.get("eventDataChecksum"))
         if problem is not None:
             outcomes.append(("failed", problem.code, problem.message))
             continue
-        event_id = str(uuid.uuid4())
         outcomes.append(("ok", event_id, data["UID"],
                          wrap(event_id, arn, region, account, data["eventTime"],
                               ingestion_time, text)))
     return Checked(ids, None, outcomes)
+
+
+def _uuid4s(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs from one urandom call: uuid.uuid4() per event cost
+    a tenth of the checks."""
+    raw = os.urandom(16 * count)
+    out = []
+    for i in range(0, 16 * count, 16):
+        h = raw[i:i + 16].hex()
+        variant = "89ab"[int(h[16], 16) & 3]
+        out.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    return out
 
 
 def _parse(body: bytes) -> list[dict] | BodyError:
