@@ -10,8 +10,8 @@
 --     arrays "[" values "]".
 
 local bit = require("bit")
-local band, bor, bxor, lshift, rshift, tobit, tohex =
-  bit.band, bit.bor, bit.bxor, bit.lshift, bit.rshift, bit.tobit, bit.tohex
+local band, bor, bxor, lshift, rshift, tobit, tohex, bswap =
+  bit.band, bit.bor, bit.bxor, bit.lshift, bit.rshift, bit.tobit, bit.tohex, bit.bswap
 local byte, format, sub = string.byte, string.format, string.sub
 local floor = math.floor
 local concat, sort = table.concat, table.sort
@@ -47,8 +47,7 @@ end
 
 -- MurmurHash3's 16-byte output is the four words little-endian; hex of those bytes
 local function le(h)
-  local x = tohex(h, 8)
-  return sub(x, 7, 8) .. sub(x, 5, 6) .. sub(x, 3, 4) .. sub(x, 1, 2)
+  return tohex(bswap(h), 8)
 end
 
 local function hex128(s)
