@@ -156,3 +156,16 @@ def test_events_readable_after_stop_and_restart_of_the_same_object(make_emulator
     emu.start()
     client(emu).put_audit_events(channelArn=CHANNEL_ARN, auditEvents=batch(1, "b"))
     assert [e["eventData"]["UID"] for e in emu.events(after=2)] == ["uid-b0"]
+
+
+def test_a_body_on_a_get_does_not_poison_the_keep_alive_connection(make_emulator):
+    emu = make_emulator()
+    body = b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"  # looks like a request; is a body
+    answer = _raw(emu.port,
+                  b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                  + body
+                  + b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    import re
+
+    assert re.findall(rb"HTTP/1\.1 \d+", answer) == [b"HTTP/1.1 200", b"HTTP/1.1 200"]
+    assert answer.endswith(b'"requests":{}}')  # the second answer is the stats, not a 404

@@ -247,6 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             parts = urlsplit(self.path)
             route = (self.command, parts.path)
+            if route != ("PUT", "/_emulator/faults") and parts.path != "/PutAuditEvents":
+                self._drain_body()  # a body nobody reads would be taken for the next request
             if parts.path == "/PutAuditEvents":
                 self._put_audit_events(parts.query)
             elif route == ("GET", "/_emulator/events"):
@@ -262,7 +264,6 @@ class _Handler(BaseHTTPRequestHandler):
             elif route in (("GET", "/"), ("GET", "/index.html")):
                 self._page()
             else:
-                self._drain_body()
                 self._error(404, "UnknownOperationException",
                             f"No operation {self.command} {parts.path}")
         except ApiError as exc:  # found before a route could answer (e.g. unreadable body)
