@@ -323,3 +323,17 @@ def test_the_test_command_prints_the_event_or_the_reason(tmp_path, capsys):
     only.write_text(rules())
     assert main(["mappings", "test", "--tag", "other", "-m", str(only), str(rec)]) == 1
     assert "rejected: no mapping rule matched tag 'other'" in capsys.readouterr().out
+
+
+def test_recipient_account_and_timestamp_forms(mapper_for):
+    m = mapper_for(rules(extra="      recipientAccountId: $acct"))
+    assert ok(m.map("app.x", T0, {"acct": "123456789012"}).event)["recipientAccountId"] == \
+        "123456789012"
+    res = m.map("app.x", T0, {"acct": "12345"})
+    assert res.event is None and "recipientAccountId must be a 12-digit account id" in res.reason
+    # year 0 is not a time the sink accepts: such a value does not convert
+    m = mapper_for(rules(extra="      eventTime: {time: [$t, \"@time\"]}"))
+    assert m.map("app.x", T0, {"t": "0000-06-01T00:00:00Z"}).event["eventTime"] == \
+        "2025-11-27T10:00:00Z"
+    assert m.map("app.x", T0, {"t": "0001-01-01T00:00:00Z"}).event["eventTime"] == \
+        "0001-01-01T00:00:00Z"

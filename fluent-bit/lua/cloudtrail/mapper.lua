@@ -611,6 +611,11 @@ local function build(rule, tag, ts, rec, vars)
         if text ~= "" then
           if valid_ip(text) then ev.sourceIPAddress = text else bad_ip = text end
         end
+      elseif name == "recipientAccountId" then
+        if not find(text, "^%d%d%d%d%d%d%d%d%d%d%d%d$") then
+          return nil, "recipientAccountId must be a 12-digit account id"
+        end
+        ev.recipientAccountId = text
       elseif name == "UID" then
         if #text > STRING_LIMITS.UID then
           if not truncate then return nil, text_over("UID", #text, STRING_LIMITS.UID) end
@@ -733,7 +738,11 @@ end
 function M:map(tag, ts, record)
   if type(tag) ~= "string" then tag = tostring(tag) end
   if type(record) ~= "table" then return nil, "record is not a map" end
-  if type(ts) ~= "number" then ts = 0 end
+  if type(ts) == "table" then          -- filter_lua's time_as_table form {sec=, nsec=}
+    ts = (tonumber(ts.sec) or 0) + (tonumber(ts.nsec) or 0) / 1e9
+  elseif type(ts) ~= "number" then
+    ts = 0
+  end
   local list = rules_for(self, tag)
   for i = 1, #list do
     local rule = list[i]

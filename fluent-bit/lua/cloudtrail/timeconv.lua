@@ -13,7 +13,7 @@
 --     (which is RFC 3339).
 --   * auto: numbers and digit strings by magnitude (|n| < 1e11 seconds, < 1e14 milliseconds,
 --     < 1e17 microseconds, else nanoseconds); other strings as rfc3339, then syslog.
---   Years outside 0000..9999, impossible dates (Feb 30) and hours/minutes out of range give
+--   Years outside 0001..9999, impossible dates (Feb 30) and hours/minutes out of range give
 --   nil. A leap second :60 becomes the next minute's :00.
 --   from_epoch(seconds) -> the same string for an epoch number in seconds.
 
@@ -44,7 +44,8 @@ local function civil_from_days(z)
   return y, m, d
 end
 
-local MIN_EPOCH = days_from_civil(0, 1, 1) * 86400
+-- year 1 (not 0): the sink checks eventTime with Python's datetime, whose years start at 1
+local MIN_EPOCH = days_from_civil(1, 1, 1) * 86400
 local MAX_EPOCH = days_from_civil(10000, 1, 1) * 86400
 
 -- one-entry cache: records arrive in time order, many in the same second

@@ -148,6 +148,8 @@ def compile_files(paths: list[str | pathlib.Path], defaults: dict | None = None)
         if key not in ("version", "recipientAccountId") or not isinstance(value, str):
             problems.append(f"defaults: {key}: only version and recipientAccountId (strings) may "
                             "be given")
+        elif key == "recipientAccountId" and not re.fullmatch(r"\d{12}", value):
+            problems.append("defaults: recipientAccountId: must be a 12-digit account id")
     if problems:
         raise CompileError(problems)
     return result
