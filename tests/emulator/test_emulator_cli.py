@@ -119,3 +119,21 @@ def test_bad_options_exit_2_naming_the_problem(tmp_path, monkeypatch, capsys, ar
     assert main(["emulator", "--db", str(tmp_path / "x.sqlite"), *args]) == 2
     assert word in capsys.readouterr().err
     assert not (tmp_path / "x.sqlite").exists()
+
+
+def test_unusable_database_or_address_exit_1_naming_it(tmp_path, capsys):
+    from cloudtrail_sink.cli import main
+
+    missing_dir = tmp_path / "no-such-dir" / "e.sqlite"
+    assert main(["emulator", "--listen", "127.0.0.1:0", "--db", str(missing_dir)]) == 1
+    assert str(missing_dir) in capsys.readouterr().err
+
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["emulator", "--listen", f"127.0.0.1:{port}",
+                     "--db", str(tmp_path / "e.sqlite")]) == 1
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err

@@ -5,7 +5,8 @@
         [--access-key K --secret-key S] [--workers N]
 
 Without ``--channel`` every well-formed channel ARN is accepted (said in the startup log).
-Exit status: 0 after a clean stop on a signal, 2 for bad options.
+Exit status: 0 after a clean stop on a signal, 2 for bad options, 1 when the address or the
+database cannot be used.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 
@@ -118,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             emulator.start()
+        except sqlite3.Error as exc:
+            print(f"cloudtrail-sink emulator: cannot use database {args.db}: {exc}",
+                  file=sys.stderr)
+            return 1
         except OSError as exc:
             print(f"cloudtrail-sink emulator: cannot listen on {args.listen}: {exc}",
                   file=sys.stderr)
