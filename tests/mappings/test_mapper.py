@@ -337,3 +337,15 @@ def test_recipient_account_and_timestamp_forms(mapper_for):
         "2025-11-27T10:00:00Z"
     assert m.map("app.x", T0, {"t": "0001-01-01T00:00:00Z"}).event["eventTime"] == \
         "0001-01-01T00:00:00Z"
+
+
+def test_the_record_is_never_changed(mapper_for):
+    """Clean parts of the record are shared with the event, not copied: marking truncation or
+    a bad address must then change a copy, never the record the filter may still write."""
+    m = mapper_for(rules(name="$n", extra="      sourceIPAddress: $ip\n      additionalEventData: $"))
+    record = {"n": "x" * 1100, "ip": "not-an-ip", "nested": {"a": [1, 2]}}
+    lrec = luaharness.to_lua(m.lua, record)
+    ev = luaharness.from_lua(m._map(b"app.x", T0, lrec)[0], m.lua)
+    assert ev["additionalEventData"]["invalidSourceIPAddress"] == "not-an-ip"
+    assert ev["additionalEventData"]["truncatedFields"] == ["eventName"]
+    assert luaharness.from_lua(lrec, m.lua) == record

@@ -114,8 +114,8 @@ end
 
 -- A deep copy that is safe to write (valid UTF-8, no NaN/inf, string keys, marked tables),
 -- and its JSON size as schema.py measures it (see cloudtrail.json size()), in one walk.
-local clean
-clean = function(v, depth)
+local copy_clean
+copy_clean = function(v, depth)
   local tv = type(v)
   if tv == "string" then return text_and_size(v) end
   if tv == "number" then
@@ -134,13 +134,13 @@ clean = function(v, depth)
   if is_array(v) then
     out = setmetatable({}, ARRAY_MT)
     for i = 1, #v do
-      local c, cs = clean(v[i], depth)
+      local c, cs = copy_clean(v[i], depth)
       if c ~= nil then count = count + 1; out[count] = c; size = size + cs end
     end
   else
     out = setmetatable({}, MAP_MT)
     for k, val in pairs(v) do
-      local c, cs = clean(val, depth)
+      local c, cs = copy_clean(val, depth)
       if c ~= nil then
         local tk, ks = type(k), nil
         if tk == "string" then k, ks = text_and_size(k)
@@ -156,6 +156,67 @@ clean = function(v, depth)
   end
   if count > 1 then size = size + count - 1 end
   return out, size
+end
+
+
+-- The JSON size of v if it can be written as it is (valid UTF-8 strings and keys, finite
+-- numbers, only tables that carry filter_lua's array/map marker, no holes, string keys, no
+-- userdata), else nil. Most records pass, and then need no copy at all.
+local measure
+measure = function(v, depth)
+  local tv = type(v)
+  if tv == "string" then
+    local n = #v
+    if plain[v] then return n + 2 end
+    if is_plain(v, n) then
+      if n <= PLAIN_MAX_LEN then
+        if plain_count >= PLAIN_MAX_COUNT then plain, plain_count = {}, 0 end
+        plain[v] = true
+        plain_count = plain_count + 1
+      end
+      return n + 2
+    end
+    if sanitize(v) ~= v then return nil end
+    return string_size(v)
+  end
+  if tv == "number" then
+    if v ~= v or v == huge or v == -huge then return nil end
+    return number_size(v)
+  end
+  if tv == "boolean" then return v and 4 or 5 end
+  if tv ~= "table" or depth > MAX_CLEAN_DEPTH then return nil end
+  local mt = getmetatable(v)
+  local kind = mt and mt.type
+  local size, count = 2, 0
+  if kind == 1 then
+    for i = 1, #v do
+      local cs = measure(v[i], depth + 1)
+      if not cs then return nil end
+      size = size + cs
+      count = count + 1
+    end
+  elseif kind == 2 then
+    for k, val in pairs(v) do
+      if type(k) ~= "string" then return nil end
+      local ks = measure(k, depth)
+      local cs = ks and measure(val, depth + 1)
+      if not cs then return nil end
+      size = size + ks + 1 + cs
+      count = count + 1
+    end
+  else
+    return nil
+  end
+  if count > 1 then size = size + count - 1 end
+  return size
+end
+
+-- (value, JSON size): v itself when it can be written as it is, else a cleaned copy. The
+-- result may be shared with the record: callers copy before they change it.
+local function clean(v, depth)
+  local size = measure(v, depth)
+  if size then return v, size end
+  return copy_clean(v, depth)
 end
 
 -- Text for a CloudTrail string field or a template placeholder; nil when absent.
@@ -586,6 +647,13 @@ local function rules_for(self, tag)
   return list
 end
 
+-- aed may be a table of the record itself (clean() shares what needs no change)
+local function shallow_copy(t)
+  local out = setmetatable({}, MAP_MT)
+  for k, v in pairs(t) do out[k] = v end
+  return out
+end
+
 local function add_truncated(list, name)
   list = list or setmetatable({}, ARRAY_MT)
   list[#list + 1] = name
@@ -684,7 +752,7 @@ local function build(rule, tag, ts, rec, vars)
     end
   end
   if bad_ip then
-    aed = aed or setmetatable({}, MAP_MT)
+    aed = aed and shallow_copy(aed) or setmetatable({}, MAP_MT)
     aed.invalidSourceIPAddress = bad_ip
     aed_size = nil
   end
@@ -698,7 +766,7 @@ local function build(rule, tag, ts, rec, vars)
     return ev
   end
   if truncated then
-    aed = aed or setmetatable({}, MAP_MT)
+    aed = aed and shallow_copy(aed) or setmetatable({}, MAP_MT)
     aed.truncatedFields = truncated
     if json_size(aed) > limit then
       aed.truncatedFields = nil
