@@ -57,40 +57,65 @@ class DeadLetters:
             self._seq += 1
             return self._seq
 
-    def _write_tmp(self, seq: int, data: bytes) -> str:
-        path = os.path.join(self.layout.tmp, f"{self.writer}-{seq:010d}.dlq")
-        with open(path, "xb") as f:
-            f.write(data)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
+    def _write_tmp(self, seq: int, data: bytes, suffix: str = ".dlq") -> str:
+        path = os.path.join(self.layout.tmp, f"{self.writer}-{seq:010d}{suffix}")
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+        except BaseException:
+            # A failed attempt (full disk) must not leave its partial file: every retry would
+            # leak one more, holding the very space the retry needs.
+            _unlink_quietly(path)
+            raise
         return path
 
     def write(self, lines: list[dict]) -> str:
         """Publish failures into ``failed/``; returns the file's path."""
-        data = "".join(json.dumps(line, ensure_ascii=False, allow_nan=False, default=_json_default)
+        data = "".join(json.dumps(line, ensure_ascii=False, default=_json_default)
                        + "\n" for line in lines).encode("utf-8", "surrogatepass")
         seq = self._next_seq()
         tmp = self._write_tmp(seq, data)
-        return spool.publish(self.layout, tmp, self.writer, seq, self.clock,
-                             folder=self.layout.failed, suffix=".jsonl")
+        try:
+            return spool.publish(self.layout, tmp, self.writer, seq, self.clock,
+                                 folder=self.layout.failed, suffix=".jsonl")
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
 
     def quarantine(self, f: BinaryIO, segment: str, offset: int, size: int, error: str,
                    records_before: int) -> str:
         """Copy the segment's bytes from ``offset`` on into ``quarantine/``; returns its path."""
         seq = self._next_seq()
         tmp = os.path.join(self.layout.tmp, f"{self.writer}-{seq:010d}.quarantine")
-        f.seek(offset)
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(f, out, 1 << 20)
-            out.flush()
-            if self.fsync:
-                os.fsync(out.fileno())
         dest = os.path.join(self.layout.quarantine, segment)
-        os.rename(tmp, dest)
+        try:
+            f.seek(offset)
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+            os.rename(tmp, dest)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
         reason = {"segment": segment, "offset": offset, "size": size, "error": error,
                   "quarantinedAt": iso_utc(self.clock()), "recordsBefore": records_before}
         seq = self._next_seq()
-        tmp = self._write_tmp(seq, (json.dumps(reason) + "\n").encode())
-        os.rename(tmp, dest + ".reason.json")
+        tmp = self._write_tmp(seq, (json.dumps(reason) + "\n").encode(), ".quarantine")
+        try:
+            os.rename(tmp, dest + ".reason.json")
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
         return dest
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
