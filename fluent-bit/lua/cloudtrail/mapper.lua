@@ -803,6 +803,23 @@ local function try_rule(rule, tag, ts, rec)
   return true, ev, why
 end
 
+-- The rule being tried, for the reason when a rule raises (one pcall per record, not per rule)
+local trying = nil
+
+local function map_rules(list, tag, ts, record)
+  for i = 1, #list do
+    local rule = list[i]
+    trying = rule
+    local applied, ev, why = try_rule(rule, tag, ts, record)
+    if applied then
+      if ev then return ev, nil, rule.name end
+      return nil, rule.label .. ": " .. tostring(why), rule.name
+    end
+  end
+  trying = nil
+  return nil, "no mapping rule matched tag '" .. sanitize(tag) .. "'"
+end
+
 function M:map(tag, ts, record)
   if type(tag) ~= "string" then tag = tostring(tag) end
   if type(record) ~= "table" then return nil, "record is not a map" end
@@ -811,19 +828,12 @@ function M:map(tag, ts, record)
   elseif type(ts) ~= "number" then
     ts = 0
   end
-  local list = rules_for(self, tag)
-  for i = 1, #list do
-    local rule = list[i]
-    local ok, applied, ev, why = pcall(try_rule, rule, tag, ts, record)
-    if not ok then
-      return nil, rule.label .. ": internal error: " .. tostring(applied), rule.name
-    end
-    if applied then
-      if ev then return ev, nil, rule.name end
-      return nil, rule.label .. ": " .. tostring(why), rule.name
-    end
-  end
-  return nil, "no mapping rule matched tag '" .. sanitize(tag) .. "'"
+  local ok, ev, reason, name = pcall(map_rules, rules_for(self, tag), tag, ts, record)
+  if ok then return ev, reason, name end
+  local rule = trying
+  trying = nil
+  if rule then return nil, rule.label .. ": internal error: " .. tostring(ev), rule.name end
+  return nil, "internal error: " .. tostring(ev)
 end
 
 M.FORMAT = FORMAT

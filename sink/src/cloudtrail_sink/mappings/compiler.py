@@ -306,7 +306,10 @@ def _steps(f: _File, kind: str, node: Node, steps: list[dict], names: set[str]) 
         else:
             if "pattern" in keys:
                 pat = _scalar(f, keys["pattern"][1], f"{where}.pattern", (str,), "a Lua pattern")
-                if pat is not None:
+                if pat is not None and _capture_count(pat) > 32:
+                    f.err(keys["pattern"][1], f"{where}.pattern", "Lua patterns hold at most 32 "
+                          "captures")
+                elif pat is not None:
                     step["pattern"] = pat
                     f.patterns.append((f"{f.name}:{line(keys['pattern'][1])}: {where}.pattern", pat))
             if "fields" in keys:
