@@ -20,6 +20,9 @@
 --       * sizes within the schema limits (truncated visibly or rejected, per the rule),
 --       * always a UID: the rule's, or hash128(tag, timestamp, canonical record).
 --     Tables in the result carry the filter_lua array/map metatables ({type=1} / {type=2}).
+--     The record is never modified. Parts of it that need no cleaning are SHARED with the
+--     result (e.g. additionalEventData: $ may be the record table itself): treat the result as
+--     read-only below its top level (eventData and userIdentity are always fresh tables).
 
 local json = require("cloudtrail.json")
 local utf8 = require("cloudtrail.utf8")
