@@ -21,31 +21,35 @@ ARG FLUENT_BIT_IMAGE=fluent/fluent-bit:5.1.1
 # ---------------------------------------------------------------------------------------------
 # Build stage: the sink's virtualenv.
 FROM ${PYTHON_IMAGE} AS sink-build
-ARG PIP_INDEX_URL
-ARG PIP_FIND_LINKS
-ARG PIP_NO_INDEX
-ARG PIP_TRUSTED_HOST
-ARG PIP_CERT
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1
+ARG PIP_INDEX_URL PIP_FIND_LINKS PIP_NO_INDEX PIP_TRUSTED_HOST PIP_CERT
 COPY sink/ /src/sink/
 COPY deploy/docker/healthcheck.py /opt/cloudtrail-sink/healthcheck.py
 RUN python3 -m venv /opt/cloudtrail-sink \
- && /opt/cloudtrail-sink/bin/pip install --no-cache-dir /src/sink \
- && /opt/cloudtrail-sink/bin/python -m compileall -q /opt/cloudtrail-sink/healthcheck.py
+ && /opt/cloudtrail-sink/bin/pip install --no-cache-dir --disable-pip-version-check /src/sink
 
 # ---------------------------------------------------------------------------------------------
 # The sink (and emulator): non-root, nothing written outside its volumes, so
 # `--read-only` / readOnlyRootFilesystem work.
 FROM ${PYTHON_IMAGE} AS sink
-ARG VERSION=0.1.0
-ARG REVISION=unknown
+ARG VERSION=0.1.0 REVISION=unknown
+# Metadata first: on the vfs storage driver every instruction copies the whole file system, so
+# instructions are cheapest while it is still the bare base image.
 LABEL org.opencontainers.image.title="cloudtrail-lake-shipper-sink" \
       org.opencontainers.image.description="Delivers spooled audit events to AWS CloudTrail Lake (PutAuditEvents), at least once; also the local CloudTrail Data emulator" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
-SHELL ["/bin/sh", "-eu", "-c"]
+ENV PATH=/opt/cloudtrail-sink/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CLOUDTRAIL_SPOOL_DIR=/var/spool/cloudtrail \
+    CLOUDTRAIL_SINK_LISTEN=0.0.0.0:9464
+EXPOSE 9464
+# SIGTERM (the default stop signal): in-flight requests finish within --grace-seconds, exit 0.
+HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
+  CMD ["/opt/cloudtrail-sink/bin/python", "/opt/cloudtrail-sink/healthcheck.py"]
+ENTRYPOINT ["cloudtrail-sink"]
+CMD ["run"]
 RUN groupadd --system --gid 10001 cloudtrail \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
       --shell /usr/sbin/nologin cloudtrail \
@@ -53,18 +57,7 @@ RUN groupadd --system --gid 10001 cloudtrail \
       /var/spool/cloudtrail/ready /var/spool/cloudtrail/failed /var/spool/cloudtrail/rejected \
       /var/spool/cloudtrail/quarantine /var/lib/cloudtrail-emulator
 COPY --from=sink-build /opt/cloudtrail-sink /opt/cloudtrail-sink
-ENV PATH=/opt/cloudtrail-sink/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    CLOUDTRAIL_SPOOL_DIR=/var/spool/cloudtrail \
-    CLOUDTRAIL_SINK_LISTEN=0.0.0.0:9464
 USER 10001:10001
-EXPOSE 9464
-STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
-  CMD ["/opt/cloudtrail-sink/bin/python", "/opt/cloudtrail-sink/healthcheck.py"]
-ENTRYPOINT ["cloudtrail-sink"]
-CMD ["run"]
 
 # ---------------------------------------------------------------------------------------------
 # Build stage: mappings/*.yaml compiled to the data-only Lua file the filter loads, and the
@@ -72,7 +65,6 @@ CMD ["run"]
 # so that `--target sink` does not need it.
 FROM sink-build AS mappings
 COPY mappings/ /src/mappings/
-SHELL ["/bin/sh", "-eu", "-c"]
 RUN mkdir -p /out \
  && /opt/cloudtrail-sink/bin/cloudtrail-sink mappings compile /src/mappings -o /out/mappings.lua \
  && install -d -m 2770 -o 10001 -g 10001 /out/spool /out/spool/tmp /out/spool/ready \
@@ -81,8 +73,7 @@ RUN mkdir -p /out \
 # ---------------------------------------------------------------------------------------------
 # Fluent Bit with our configuration. The official image is distroless (no shell): COPY only.
 FROM ${FLUENT_BIT_IMAGE} AS fluent-bit
-ARG VERSION=0.1.0
-ARG REVISION=unknown
+ARG VERSION=0.1.0 REVISION=unknown
 LABEL org.opencontainers.image.title="cloudtrail-lake-shipper-fluent-bit" \
       org.opencontainers.image.description="Fluent Bit with the CloudTrail Lake mapping filter; writes the spool the sink delivers" \
       org.opencontainers.image.licenses="Apache-2.0" \

@@ -35,6 +35,7 @@ ENGINE_SH = REPO / "tests" / "containers" / "engine.sh"
 STATE = REPO / ".work" / "docker"
 BASE_IMAGE = "cloudtrail-test/base:bookworm"
 SINK_IMAGE = "cloudtrail-test/sink:latest"
+WHEELHOUSE_PORT = 39465
 
 
 def unavailable(reason: str):
@@ -113,7 +114,12 @@ class Wheelhouse:
 
     def serve(self) -> str:
         handler = functools.partial(_QuietHandler, directory=str(self.folder))
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        # A fixed port when free: the URL is a build arg, and a changed build arg would void
+        # the build cache of the pip step on every run.
+        try:
+            self._server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEELHOUSE_PORT), handler)
+        except OSError:
+            self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="wheelhouse")
         self._thread.start()
@@ -130,7 +136,8 @@ class Wheelhouse:
 def build_image(tag: str, target: str, build_args: dict[str, str],
                 context: pathlib.Path = REPO, dockerfile: pathlib.Path | None = None,
                 timeout: float = 900) -> str:
-    cmd = ["docker", "build", "--network", "host", "--target", target, "-t", tag]
+    # --force-rm: vfs keeps a full copy of the file system per failed step's container.
+    cmd = ["docker", "build", "--force-rm", "--network", "host", "--target", target, "-t", tag]
     if dockerfile is not None:
         cmd += ["-f", str(dockerfile)]
     for key, value in build_args.items():
