@@ -8,8 +8,8 @@ is the emulator's own ceiling.
 
 Figures printed, next to baselines measured in the same run against the same process:
 - PutAuditEvents calls/s and events/s with 100 x ~1 KB events per call (every event checked,
-  stored in SQLite), with the CLI's default checker worker processes, and with the checks in
-  the serving threads (``--workers 0``, the in-process ``Emulator`` default);
+  stored in SQLite), with the CLI's default, with the checks in the serving threads
+  (``--workers 0``, the in-process ``Emulator`` default) and in 2 worker processes;
 - the emulator's CPU time per call (all its processes): a figure that does not depend on how
   busy the machine is with other work;
 - baseline: ``GET /healthz`` calls/s (the HTTP stack alone, no checks, no storage);
@@ -221,10 +221,10 @@ def main() -> int:
     results = {"cpus": os.cpu_count(), "clients": args.clients, "seconds": args.seconds,
                "event_bytes": args.event_bytes}
     with tempfile.TemporaryDirectory(prefix="emu-bench-") as tmp:
-        # (name, verify signatures, --workers): the default CLI configuration, the same with
-        # checks in the serving threads (the in-process default), and optionally with SigV4
-        # verification.
-        runs = [("cli_default", False, None), ("workers_0", False, 0)]
+        # (name, verify signatures, --workers): the default CLI configuration, checks in the
+        # serving threads (the in-process default), in 2 worker processes, and optionally with
+        # SigV4 verification.
+        runs = [("cli_default", False, None), ("workers_0", False, 0), ("workers_2", False, 2)]
         if args.with_credentials:
             runs.append(("verified", True, None))
         for name, creds, workers in runs:

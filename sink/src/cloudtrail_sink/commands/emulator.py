@@ -51,8 +51,9 @@ def register(subparsers) -> None:
                         help="secret access key for --access-key (prefer env "
                              "CLOUDTRAIL_EMULATOR_SECRET_KEY: command lines are visible)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="processes checking events (default: one per CPU, at most 4; "
-                             "0 checks in the serving threads)")
+                        help="processes checking events (default: one per CPU beyond the "
+                             "first, at most 4, so none on 2 CPUs; 0 checks in the serving "
+                             "threads)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
