@@ -321,3 +321,23 @@ def test_healthz_fails_when_events_are_stuck_and_not_while_paused(tmp_path):
     runner.pause.succeed()
     runner.ledger.finalize(seg, 5)
     assert runner.health()[0] and runner.ready()[0]
+
+
+def test_a_symlink_appearing_while_running_is_ignored_and_does_not_block_the_drain(tmp_path,
+                                                                                 emulator):
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [])
+    secret = tmp_path / "shadow"
+    secret.write_bytes(msgpack.packb({"eventData": event("secret")}))
+    runner = Runner(config(spool_dir, emulator.url, drain=False))
+    runner.start()
+    try:
+        link = spool_dir / "ready" / "0000000000000001-evil_1_x-0000000001.seg"
+        link.symlink_to(secret)  # seen through inotify, not by the start-up scan
+        fill(spool_dir, [event(1)])
+        wait_for(lambda: metric(runner, "ignored_files_total") == 1)
+        wait_for(lambda: stored_uids(emulator) == ["evt-1"])
+        wait_for(runner.drained)
+    finally:
+        runner.stop()
+    assert link.is_symlink() and stored_uids(emulator) == ["evt-1"]

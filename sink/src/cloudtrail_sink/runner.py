@@ -287,8 +287,8 @@ class Runner:
             self.queue.done(name)
             return
         except spool.NotRegularFile as exc:
-            # Stays "known" so it is never offered again; reported once.
-            self._on_ignored(name, exc.strerror or "not a regular file")
+            # Swapped for a symlink/FIFO after it was listed: never opened, reported once.
+            self.queue.ignore(name, exc.strerror or "not a regular file")
             return
         except OSError as exc:
             log.error("cannot open segment; will try again at the next rescan",

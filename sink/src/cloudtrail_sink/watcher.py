@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import stat
 import threading
 import time
 from typing import Callable
@@ -49,15 +50,18 @@ class SegmentQueue:
     def offer(self, name: str, size: int | None = None) -> bool:
         if not name.endswith(".seg") or spool.parse_ready_name(name) is None:
             return False
-        with self._cond:
-            if name in self._known:
+        if size is None:  # from inotify: not listed by scan(), so check what it is here
+            try:
+                st = os.lstat(os.path.join(self.layout.ready, name))
+            except OSError:
                 return False
-            if size is None:
-                try:
-                    st = os.lstat(os.path.join(self.layout.ready, name))
-                except OSError:
-                    return False
-                size = st.st_size
+            if not stat.S_ISREG(st.st_mode):
+                self.ignore(name, "not a regular file")
+                return False
+            size = st.st_size
+        with self._cond:
+            if name in self._known or name in self._ignored:
+                return False
             self._known[name] = size
             self.bytes += size
             heapq.heappush(self._heap, name)
@@ -117,17 +121,17 @@ class SegmentQueue:
         with it:
             for entry in it:
                 name = entry.name
-                if name in self._known:
+                if name in self._known or name in self._ignored:
                     continue
                 try:
                     regular = entry.is_file(follow_symlinks=False)
                 except OSError:
                     continue
                 if not name.endswith(".seg") or spool.parse_ready_name(name) is None:
-                    self._ignore(name, "name does not follow the segment naming")
+                    self.ignore(name, "name does not follow the segment naming")
                     continue
                 if not regular:
-                    self._ignore(name, "not a regular file")
+                    self.ignore(name, "not a regular file")
                     continue
                 try:
                     size = entry.stat(follow_symlinks=False).st_size
@@ -138,11 +142,18 @@ class SegmentQueue:
         self.scans += 1
         return new
 
-    def _ignore(self, name: str, why: str) -> None:
-        if name in self._ignored or name.startswith("."):
-            return
-        self._ignored.add(name)
-        self.on_ignored(name, why)
+    def ignore(self, name: str, why: str) -> None:
+        """Never hand ``name`` out again (reported once): not a segment, or not a regular file."""
+        with self._cond:
+            size = self._known.pop(name, None)
+            if size is not None:
+                self.bytes -= size
+            if name in self._ignored:
+                return
+            self._ignored.add(name)
+            self._cond.notify_all()
+        if not name.startswith("."):
+            self.on_ignored(name, why)
 
     def publish_stale_tmp(self) -> int:
         now = self.clock()
