@@ -341,3 +341,22 @@ def test_a_symlink_appearing_while_running_is_ignored_and_does_not_block_the_dra
     finally:
         runner.stop()
     assert link.is_symlink() and stored_uids(emulator) == ["evt-1"]
+
+
+def test_without_inotify_the_sink_falls_back_to_polling(tmp_path, emulator, monkeypatch):
+    from cloudtrail_sink import watcher
+
+    def no_inotify(self):
+        raise OSError(28, "inotify watch limit reached")
+
+    monkeypatch.setattr(watcher.Watcher, "_start_observer", no_inotify)
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [])
+    runner = Runner(config(spool_dir, emulator.url, drain=False, poll_seconds=0.1))
+    runner.start()
+    try:
+        assert runner.watcher.poll
+        fill(spool_dir, [event("late")])
+        wait_for(lambda: stored_uids(emulator) == ["evt-late"])
+    finally:
+        runner.stop()

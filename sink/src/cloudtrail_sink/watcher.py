@@ -13,7 +13,8 @@ Contract:
 - :class:`Watcher` runs a full scan at start, a watchdog (inotify) observer on ``ready/`` so new
   segments are seen at once without polling, and a rescan every ``rescan_seconds`` as a backstop
   (watchdog drops inotify queue overflows silently). With ``poll=True`` there is no observer and
-  the scan runs every ``poll_seconds`` instead. Idle, it costs one wake-up per rescan interval.
+  the scan runs every ``poll_seconds`` instead (also when inotify cannot be started). Idle, it
+  costs one wake-up per rescan interval.
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ class Watcher:
                  rescan_seconds: float = 30.0):
         self.queue = queue
         self.poll = poll
+        self.poll_seconds = poll_seconds
         self.interval = poll_seconds if poll else rescan_seconds
         self._stop = threading.Event()
         self._rescan_now = threading.Event()
@@ -211,7 +213,13 @@ class Watcher:
 
     def start(self) -> None:
         if not self.poll:
-            self._start_observer()
+            try:
+                self._start_observer()
+            except OSError as exc:  # no inotify here, or the watch limit is reached
+                log.warning("inotify unavailable; polling ready/ instead", extra={
+                    "error": exc.strerror or str(exc), "poll_seconds": self.poll_seconds})
+                self.poll = True
+                self.interval = self.poll_seconds
         self.queue.scan()
         self._thread = threading.Thread(target=self._loop, name="sink-rescan", daemon=True)
         self._thread.start()
