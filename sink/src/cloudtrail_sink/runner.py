@@ -167,7 +167,7 @@ class Runner:
         log.info("sink started", extra={
             "spool": self.layout.root, "channel": cfg.channel_arn, "region": cfg.effective_region,
             "endpoint": cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_CLOUDTRAIL_DATA"),
-            "segments": self.queue.known(), "mode": "poll" if cfg.poll else "inotify",
+            "segments": self.queue.known(), "mode": "poll" if self.watcher.poll else "inotify",
             "dry_run": cfg.dry_run, "listen": f"{self.http.host}:{self.http.port}" if self.http else None})
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -178,12 +178,18 @@ class Runner:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _on_signal(self, signum, frame) -> None:
+        # Event.set() takes a lock the interrupted main thread may hold: set it from a thread.
+        log.info("signal received; finishing in-flight requests",
+                 extra={"signal": signal.Signals(signum).name})
+        threading.Thread(target=self.request_stop, name="sink-signal", daemon=True).start()
+
     def run(self) -> int:
         """Start, wait for a signal (or for the drain to finish), stop. Returns the exit code."""
         installed = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                installed.append((sig, signal.signal(sig, lambda *_: self.request_stop())))
+                installed.append((sig, signal.signal(sig, self._on_signal)))
         try:
             self.start()
             drain = self.cfg.drain or self.cfg.dry_run
