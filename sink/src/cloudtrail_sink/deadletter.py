@@ -79,11 +79,15 @@ class DeadLetters:
         seq = self._next_seq()
         tmp = self._write_tmp(seq, data)
         try:
-            return spool.publish(self.layout, tmp, self.writer, seq, self.clock,
+            dest = spool.publish(self.layout, tmp, self.writer, seq, self.clock,
                                  folder=self.layout.failed, suffix=".jsonl")
         except BaseException:
             _unlink_quietly(tmp)
             raise
+        if self.fsync:
+            # The rename must be on disk before the segment's deletion can be (power loss).
+            spool.fsync_dir(self.layout.failed)
+        return dest
 
     def quarantine(self, f: BinaryIO, segment: str, offset: int, size: int, error: str,
                    records_before: int) -> str:
@@ -111,6 +115,8 @@ class DeadLetters:
         except BaseException:
             _unlink_quietly(tmp)
             raise
+        if self.fsync:
+            spool.fsync_dir(self.layout.quarantine)
         return dest
 
 
