@@ -43,6 +43,11 @@ CASES = [
     ("additionalEventData-over-28000", schema.dumps(
         event_data(additionalEventData={"k": "v" * 28_000})), "FieldTooLong",
      "additionalEventData"),
+    # 7.5 kB as sent, 28.5 kB once measured as compact JSON (each 1e15 becomes 18 characters):
+    # the limit applies to the measured size.
+    ("additionalEventData-grows-past-28000", schema.dumps(event_data())[:-1]
+     + ',"additionalEventData":{"n":[' + ",".join(["1e15"] * 1500) + "]}}",
+     "FieldTooLong", "additionalEventData"),
     ("requestParameters-over-100000", schema.dumps(
         event_data(requestParameters={"k": "v" * 100_000})), "FieldTooLong", "requestParameters"),
     ("eventTime-with-fraction", schema.dumps(event_data(eventTime="2021-10-27T12:13:14.5Z")),

@@ -57,6 +57,10 @@ OBJECT_LIMITS = {
     "responseElements": 100_000,
     "additionalEventData": 28_000,
 }
+# How much larger ``dumps`` can make a JSON value than its source text: strings never grow
+# (dumps escapes only what JSON requires escaped, writes other characters raw), whitespace and
+# repeated keys only shrink it; numbers grow at most 4.5x ("1e15" -> "1000000000000000.0").
+OBJECT_SIZE_GROWTH = 5
 KNOWN_TOP = frozenset(STRING_LIMITS) | frozenset(OBJECT_LIMITS) | {"userIdentity"}
 KNOWN_IDENTITY = frozenset(IDENTITY_STRING_LIMITS) | {"details"}
 
@@ -121,7 +125,7 @@ def parse_event_text(text: Any, account_id: str | None, event_checksum: str | No
     # A \uD800-style escape decodes to a lone surrogate, which no UTF-8 store can hold.
     if "\\u" in text and not _encodable(dumps(data)):
         return None, Problem("InvalidData", "eventData holds a lone UTF-16 surrogate")
-    return data, check_event(data, account_id)
+    return data, check_event(data, account_id, text_bytes=len(text.encode("utf-8")))
 
 
 def _encodable(text: str) -> bool:
@@ -132,8 +136,13 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def check_event(data: Any, account_id: str | None) -> Problem | None:
-    """Check a decoded ``eventData`` object; ``account_id`` None skips the recipient check."""
+def check_event(data: Any, account_id: str | None, *, text_bytes: int | None = None
+                ) -> Problem | None:
+    """Check a decoded ``eventData`` object; ``account_id`` None skips the recipient check.
+
+    ``text_bytes``, the UTF-8 size of the JSON text ``data`` was decoded from, lets small events
+    skip re-serialising their objects to measure them (see ``OBJECT_SIZE_GROWTH``).
+    """
     if not isinstance(data, dict):
         return Problem("InvalidData", "eventData must be a JSON object")
     for name in REQUIRED_TOP:
@@ -168,6 +177,8 @@ def check_event(data: Any, account_id: str | None) -> Problem | None:
             continue
         if not isinstance(value, dict):
             return Problem("InvalidData", f"{name} must be an object")
+        if text_bytes is not None and text_bytes * OBJECT_SIZE_GROWTH <= limit:
+            continue  # cannot be over the limit, whatever it holds
         size = len(dumps(value).encode("utf-8"))
         if size > limit:
             return Problem("FieldTooLong", f"{name} is {size} bytes; the limit is {limit}")
