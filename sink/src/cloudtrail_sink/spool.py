@@ -180,7 +180,10 @@ class SpoolWriter:
         return dest
 
     def close(self) -> None:
+        """Seal the open segment; with ``fsync``, also make the renames durable (once)."""
         self.seal()
+        if self.fsync and self.sealed:
+            fsync_dir(self.layout.ready)
 
     def __enter__(self) -> "SpoolWriter":
         return self
