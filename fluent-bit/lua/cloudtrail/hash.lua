@@ -121,8 +121,70 @@ local function is_array(t)
 end
 
 -- Pieces go into buf unjoined (numbers too: table.concat formats them), so serializing a
--- record makes no intermediate strings.
-local function serialize(v, buf, n)
+-- record makes no intermediate strings. One buffer serves every call (canonical is not
+-- re-entered): a fresh one per record would be regrown and collected each time.
+local buf = {}
+
+-- A map's keys and values wait on two shared stacks while they are sorted: no tables per map.
+-- Small maps (almost all) are sorted in place by insertion, which LuaJIT compiles; table.sort
+-- is a C function the JIT cannot enter, and it needs a table of its own.
+local kstack, vstack = {}, {}
+local INSERTION_MAX = 24
+
+local serialize
+
+local function serialize_map(v, n, top)
+  local nk = top
+  for k, val in pairs(v) do
+    nk = nk + 1
+    kstack[nk] = type(k) == "string" and k or tostring(k)
+    vstack[nk] = val
+  end
+  local count = nk - top
+  if count <= INSERTION_MAX then
+    for i = top + 2, nk do
+      local k, val = kstack[i], vstack[i]
+      local j = i - 1
+      while j > top and kstack[j] > k do
+        kstack[j + 1], vstack[j + 1] = kstack[j], vstack[j]
+        j = j - 1
+      end
+      kstack[j + 1], vstack[j + 1] = k, val
+    end
+    -- Keys equal as text (1 and "1"): every one of them serializes the value of the last in
+    -- iteration order, as the by-name lookup this replaced did (insertion sort is stable).
+    for i = nk - 1, top + 1, -1 do
+      if kstack[i] == kstack[i + 1] then vstack[i] = vstack[i + 1] end
+    end
+  else
+    -- Large maps: table.sort on the keys (n log n), values looked up by key afterwards. Keys
+    -- that collide as text (1 and "1") serialize the same value either way, as before.
+    local keys, byname = {}, {}
+    for i = 1, count do
+      local k = kstack[top + i]
+      keys[i] = k
+      byname[k] = vstack[top + i]
+    end
+    sort(keys)
+    for i = 1, count do
+      kstack[top + i] = keys[i]
+      vstack[top + i] = byname[keys[i]]
+    end
+  end
+  n = n + 1; buf[n] = "{"
+  for i = top + 1, nk do
+    local k = kstack[i]
+    buf[n + 1] = "s"; buf[n + 2] = #k; buf[n + 3] = ":"; buf[n + 4] = k
+    n = serialize(vstack[i], n + 4, nk)
+  end
+  n = n + 1; buf[n] = "}"
+  -- do not keep the record's values alive until the slots are reused
+  for i = top + 1, nk do kstack[i] = nil; vstack[i] = nil end
+  return n
+end
+
+-- top: how much of the key/value stacks the enclosing maps use.
+serialize = function(v, n, top)
   local tv = type(v)
   if tv == "string" then
     buf[n + 1] = "s"; buf[n + 2] = #v; buf[n + 3] = ":"; buf[n + 4] = v
@@ -139,22 +201,10 @@ local function serialize(v, buf, n)
   elseif tv == "table" then
     if is_array(v) then
       n = n + 1; buf[n] = "["
-      for i = 1, #v do n = serialize(v[i], buf, n) end
+      for i = 1, #v do n = serialize(v[i], n, top) end
       n = n + 1; buf[n] = "]"
     else
-      local keys, nk, byname = {}, 0, {}
-      for k, val in pairs(v) do
-        local ks = type(k) == "string" and k or tostring(k)
-        nk = nk + 1; keys[nk] = ks; byname[ks] = val
-      end
-      sort(keys)
-      n = n + 1; buf[n] = "{"
-      for i = 1, nk do
-        local k = keys[i]
-        buf[n + 1] = "s"; buf[n + 2] = #k; buf[n + 3] = ":"; buf[n + 4] = k
-        n = serialize(byname[k], buf, n + 4)
-      end
-      n = n + 1; buf[n] = "}"
+      n = serialize_map(v, n, top)
     end
   else
     n = n + 1; buf[n] = "z"
@@ -163,9 +213,11 @@ local function serialize(v, buf, n)
 end
 
 local function canonical(v)
-  local buf = {}
-  local n = serialize(v, buf, 0)
-  return concat(buf, "", 1, n)
+  local n = serialize(v, 0, 0)
+  local s = concat(buf, "", 1, n)
+  -- the pieces may be large strings of the record: release them now rather than at reuse
+  for i = 1, n do buf[i] = nil end
+  return s
 end
 
 return { hex128 = hex128, canonical = canonical }
