@@ -22,6 +22,8 @@ ARG FLUENT_BIT_IMAGE=fluent/fluent-bit:5.1.1
 # Build stage: the sink's virtualenv.
 FROM ${PYTHON_IMAGE} AS sink-build
 ARG PIP_INDEX_URL PIP_FIND_LINKS PIP_NO_INDEX PIP_TRUSTED_HOST PIP_CERT
+# sink/src/cloudtrail_sink/lua links to ../../../fluent-bit: the Lua modules ship in the package.
+COPY fluent-bit/ /src/fluent-bit/
 COPY sink/ /src/sink/
 COPY deploy/docker/healthcheck.py /opt/cloudtrail-sink/healthcheck.py
 RUN python3 -m venv /opt/cloudtrail-sink \

@@ -82,7 +82,7 @@ def start_emulator(sink_image, containers, port, faults=None) -> str:
     emulator = (DockerContainer(sink_image).with_command(command)
                 .with_kwargs(network_mode="host", **LEAST_PRIVILEGE))
     # The database on a tmpfs the non-root user may write (the root filesystem is read-only).
-    emulator.tmpfs["/var/lib/cloudtrail-emulator"] = "mode=1777,size=256m"
+    emulator.tmpfs["/var/lib/cloudtrail-emulator"] = "uid=10001,gid=10001,mode=0770,size=256m"
     start(containers, emulator)
     url = f"http://127.0.0.1:{port}"
     wait_or_show_logs(emulator, lambda: dockerkit.http_get(url + "/healthz")[0] == 200, 60,
