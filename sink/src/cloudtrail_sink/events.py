@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import json
 import re
@@ -86,7 +86,7 @@ def dumps(event_data: Any) -> bytes:
 
 def checksum(raw: bytes) -> str:
     """``eventDataChecksum`` of the UTF-8 bytes of ``eventData`` (== ``schema.checksum``)."""
-    return base64.b64encode(hashlib.sha256(raw).digest()).decode()
+    return binascii.b2a_base64(hashlib.sha256(raw).digest(), newline=False).decode()
 
 
 def entry_size(eid: str, text: str, check: str, raw: bytes | None = None) -> int:
@@ -97,7 +97,8 @@ def entry_size(eid: str, text: str, check: str, raw: bytes | None = None) -> int
         escaped = len(raw) + 2 + raw.count(b'"') + raw.count(b"\\") + 5 * raw.count(b"\x7f")
     else:
         escaped = len(encode_basestring_ascii(text))
-    return _ENTRY_KEYS + len(encode_basestring_ascii(eid)) + escaped + len(check) + 2
+    # Ids are [-_A-Za-z0-9] only (event_id guarantees it): nothing in them is escaped.
+    return _ENTRY_KEYS + len(eid) + 2 + escaped + len(check) + 2
 
 
 def request_size(sizes: list[int]) -> int:
