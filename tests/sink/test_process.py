@@ -163,3 +163,17 @@ def test_spool_write_reads_json_lines_and_reports_bad_lines(tmp_path, emulator):
                             "--spool-dir", str(spool_dir), "--json"],
                            capture_output=True, text=True, timeout=60)
     assert '"ready": {"files": 1' in stats.stdout
+
+
+def test_logs_carry_no_payloads_at_the_default_level(tmp_path, emulator):
+    emulator.set_faults(Faults(event_throttling_rate=0.2, throttle_rate=0.2))
+    spool_dir = tmp_path / "spool"
+    marker = "PAYLOAD-MARKER-7f3a"
+    fill(spool_dir, [event(i, additionalEventData={"secret": marker}) for i in range(300)]
+         + [event("bad", eventTime="never", additionalEventData={"secret": marker})])
+    (spool_dir / "ready" / "notes.txt").write_text(marker)
+    result = run_sink(spool_dir, emulator.url, "--drain", "--max-backoff-seconds", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "events refused by the pre-send check" in result.stderr  # it did log the failure
+    assert marker not in result.stderr and marker not in result.stdout
+    assert len(set(stored_uids(emulator))) == 300
