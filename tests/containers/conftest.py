@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import uuid
 
 import pytest
@@ -101,7 +100,3 @@ def containers(docker_engine):
                 container.stop()
             except Exception:  # already gone
                 pass
-
-
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)

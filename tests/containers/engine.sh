@@ -6,7 +6,8 @@
 #   engine.sh start        when no engine answers and the tests are wanted, start dockerd in the
 #                          background (vfs storage, no bridge, no iptables: host networking on
 #                          127.0.0.1 only), wait for `docker info`, and record its pid so that
-#                          `stop` ends only the daemon this script started
+#                          `stop` ends only the daemon this script started. Exit status 0 only
+#                          when it started one (tests/run then arms `stop` at exit), else 1
 #   engine.sh stop         stop that daemon (no-op when this script did not start one)
 #   engine.sh base-image NAME
 #                          make sure image NAME exists: a debootstrapped minbase Debian bookworm
@@ -17,7 +18,8 @@
 # Why opt-in outside CI: installing and starting a Docker engine on a developer's machine unasked
 # is rude. A developer who wants the container tests runs `CLOUDTRAIL_TEST_DOCKER=1 bash tests/run`
 # (as root), or simply has an engine running already (then nothing is installed or started).
-# Never fails tests/run by itself: the container tests decide (skip, or fail under CI=true).
+# Never fails tests/run by itself (`start && trap ...`): the container tests decide whether a
+# missing engine is a skip or, under CI=true, a failure.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -42,15 +44,15 @@ cmd_packages() {
 cmd_start() {
   if engine_answers; then
     say "a Docker engine answers already; using it"
-    return 0
+    return 1
   fi
   if ! wanted; then
     say "no Docker engine answers; container tests will skip (CLOUDTRAIL_TEST_DOCKER=1 to start one)"
-    return 0
+    return 1
   fi
   if [ "$(id -u)" != 0 ] || ! command -v dockerd >/dev/null 2>&1; then
     say "cannot start dockerd (needs root and the docker.io package); container tests will not run"
-    return 0
+    return 1
   fi
   mkdir -p "$state"
   say "starting dockerd (vfs, no bridge, no iptables); log: $state/dockerd.log"
@@ -67,7 +69,7 @@ cmd_start() {
       say "dockerd exited; last lines of its log:"
       tail -n 20 "$state/dockerd.log" >&2
       rm -f "$pidfile"
-      return 0
+      return 1
     fi
     sleep 1
   done

@@ -12,7 +12,6 @@ All containers use host networking on 127.0.0.1 (no bridge exists here).
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from testcontainers.core.container import DockerContainer
@@ -174,7 +173,9 @@ def test_sink_image_delivers_a_volume_spool_and_stops_cleanly_on_sigterm(
     # Delivery starts; the health endpoints and Docker's HEALTHCHECK (the image's command) agree.
     wait_or_show_logs(sink, lambda: delivered_uids(emulator), 60, "a first delivery")
     assert dockerkit.http_get(f"http://{listen}/healthz")[0] == 200
-    assert dockerkit.http_get(f"http://{listen}/readyz")[0] == 200
+    # Ready once a request succeeded (the emulator stores events before its slow answer).
+    wait_or_show_logs(sink, lambda: dockerkit.http_get(f"http://{listen}/readyz")[0] == 200,
+                      30, "/readyz to answer 200")
     wait_or_show_logs(sink, lambda: wrapped.reload() or
                       wrapped.attrs["State"]["Health"]["Status"] == "healthy",
                       60, "Docker's HEALTHCHECK to report the sink healthy")
