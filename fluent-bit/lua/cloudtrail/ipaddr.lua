@@ -51,10 +51,22 @@ local function valid_v6(s)
   return n ~= nil and n == 8
 end
 
+-- Source addresses repeat from record to record, and the checks above are Lua patterns the
+-- JIT cannot compile: remember answers (true or false) for up to CACHE_MAX strings.
+local CACHE_MAX = 1024
+local cache, cached = {}, 0
+
 local function valid(s)
   if type(s) ~= "string" then return false end
-  if find(s, ":", 1, true) then return valid_v6(s) end
-  return valid_v4(s)
+  local known = cache[s]
+  if known ~= nil then return known end
+  local ok
+  if find(s, ":", 1, true) then ok = valid_v6(s) else ok = valid_v4(s) end
+  ok = ok == true
+  if cached >= CACHE_MAX then cache, cached = {}, 0 end
+  cache[s] = ok
+  cached = cached + 1
+  return ok
 end
 
 return { valid = valid }
