@@ -12,11 +12,18 @@ Debian's ``luajit`` binary runs a pure-Lua driver (no Python in the loop) that
   cycling through a pool of pre-built records, with a tick record once per simulated second;
 - times the same loop through an identity filter (``return 0, ts, record``) in the same run.
 
-It prints records/s and microseconds per record for both (wall clock; the filter runs on the
-engine's single thread, so one core), how many events and rejected records the spool got, and
-whether the 50,000 records/s target is met.
+It prints records/s and microseconds per record for both (CPU time of the one thread: the
+filter runs on the engine's single thread, so one core; wall time too), how many events and
+rejected records the spool got, and whether the 50,000 records/s target is met.
 
-Usage: python bench/lua_throughput.py [--records 200000] [--pool 2000] [--rounds 3]
+Each round runs in a fresh luajit process and the best round is shown: on a shared machine
+the slowest rounds measure the neighbours, not the filter. ``--compare-with DIR`` (the
+``fluent-bit/`` folder of another checkout, e.g. ``git worktree add /tmp/old HEAD~3``) runs that
+filter in the same rounds, alternating with this one, so before/after figures come from the
+same machine state.
+
+Usage: python bench/lua_throughput.py [--records 200000] [--pool 2000] [--rounds 5]
+                                      [--compare-with OTHER/fluent-bit]
 """
 
 from __future__ import annotations
@@ -129,8 +136,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=200_000, help="records per timed loop")
     parser.add_argument("--pool", type=int, default=2000, help="distinct pre-built records")
-    parser.add_argument("--rounds", type=int, default=3, help="identity/filter pairs to time")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds (one luajit process each, best shown)")
+    parser.add_argument("--compare-with", type=pathlib.Path, default=None, metavar="DIR",
+                        help="fluent-bit/ folder of another checkout, timed in the same rounds")
     args = parser.parse_args()
+    if args.compare_with is not None and not (args.compare_with / "cloudtrail.lua").is_file():
+        print(f"--compare-with {args.compare_with}: no cloudtrail.lua there", file=sys.stderr)
+        return 2
 
     luajit = shutil.which("luajit")
     if luajit is None:
@@ -149,17 +162,32 @@ def main() -> int:
         driver = work / "driver.lua"
         driver.write_text(DRIVER)
         spool = work / "spool"
-        env = dict(os.environ, CLOUDTRAIL_SPOOL_DIR=str(spool),
-                   CLOUDTRAIL_MAPPINGS=str(mappings))
-        proc = subprocess.run(
-            [luajit, str(driver), str(REPO / "fluent-bit" / "cloudtrail.lua"),
-             str(REPO / "fluent-bit" / "lua"), str(args.records), str(args.pool),
-             str(args.rounds), str(samples)],
-            env=env, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            print(proc.stdout, proc.stderr, file=sys.stderr)
-            return 1
-        rounds = [line.split() for line in proc.stdout.splitlines() if line.startswith("round")]
+        other_spool = work / "spool-compared"
+
+        def one_round(fluent_bit: pathlib.Path, spool_dir: pathlib.Path):
+            env = dict(os.environ, CLOUDTRAIL_SPOOL_DIR=str(spool_dir),
+                       CLOUDTRAIL_MAPPINGS=str(mappings))
+            proc = subprocess.run(
+                [luajit, str(driver), str(fluent_bit / "cloudtrail.lua"),
+                 str(fluent_bit / "lua"), str(args.records), str(args.pool), "1", str(samples)],
+                env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(proc.stdout, proc.stderr, file=sys.stderr)
+                return None, proc.stderr
+            return ([line.split() for line in proc.stdout.splitlines()
+                     if line.startswith("round")], proc.stderr)
+
+        rounds, other_rounds, stderr_text = [], [], ""
+        for _ in range(args.rounds):
+            got, stderr_text = one_round(REPO / "fluent-bit", spool)
+            if got is None:
+                return 1
+            rounds += got
+            if args.compare_with is not None:
+                got, _ = one_round(args.compare_with, other_spool)
+                if got is None:
+                    return 1
+                other_rounds += got
         # CPU seconds of the one thread (the machine may be shared; wall time shown too)
         cpu_identity = min(float(r[4]) for r in rounds)
         wall_filter = min(float(r[6]) for r in rounds)
@@ -172,7 +200,8 @@ def main() -> int:
         n = args.records
         print(f"luajit: {subprocess.run([luajit, '-v'], capture_output=True, text=True).stdout.strip()}")
         print(f"records per loop: {n}, distinct records: {args.pool} from "
-              f"{len(compiled.examples)} mapping examples, rounds: {args.rounds} (best shown)")
+              f"{len(compiled.examples)} mapping examples, rounds: {args.rounds} (best shown; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
         cpu_identity = max(cpu_identity, 1e-9)
         print(f"identity filter      : {n / cpu_identity:12,.0f} records/s  "
               f"({cpu_identity / n * 1e6:.2f} us CPU/record)")
@@ -182,12 +211,19 @@ def main() -> int:
               f"({cpu_writer / n * 1e6:.2f} us CPU/record: encode + write, events mapped before)")
         print(f"cb_cloudtrail        : {n / cpu_filter:12,.0f} records/s  "
               f"({cpu_filter / n * 1e6:.2f} us CPU/record; wall {wall_filter / n * 1e6:.2f} us)")
+        if other_rounds:
+            cpu_other = min(float(r[7]) for r in other_rounds)
+            cpu_other_mapper = min(float(r[12]) for r in other_rounds)
+            print(f"  compared filter    : {n / cpu_other:12,.0f} records/s  "
+                  f"({cpu_other / n * 1e6:.2f} us CPU/record; its mapping engine alone "
+                  f"{cpu_other_mapper / n * 1e6:.2f} us) from {args.compare_with}")
+            print(f"  this filter is {cpu_other / cpu_filter:.2f}x the compared one (best rounds)")
         print(f"spool: {events} segment(s) in ready/, {rejected} rejected file(s); "
               f"records dropped from the pipeline in the last loop: {dropped}/{n}")
         ok = n / cpu_filter >= TARGET
         print(f"target >= {TARGET:,} records/s on one core: {'met' if ok else 'NOT met'}")
-        if proc.stderr.strip():
-            print("filter log:\n" + proc.stderr.strip())
+        if stderr_text.strip():
+            print("filter log:\n" + stderr_text.strip())
         return 0
     finally:
         if not os.environ.get("LUA_BENCH_KEEP"):
