@@ -27,7 +27,9 @@ Messages name the field and the limit, never the value: they end up in logs.
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as _dt
+import functools
 import hashlib
 import ipaddress
 import json
@@ -113,9 +115,12 @@ def parse_event_text(text: Any, account_id: str | None, event_checksum: str | No
     """``check_event_text`` that also returns the decoded object (None when undecodable)."""
     if not isinstance(text, str):
         return None, Problem("InvalidData", "eventData must be a string holding a JSON object")
-    if not _encodable(text):
+    try:
+        raw = text.encode("utf-8")  # encoded once: for the checksum and the size
+    except UnicodeEncodeError:
         return None, Problem("InvalidData", "eventData holds a lone UTF-16 surrogate")
-    if event_checksum is not None and event_checksum != checksum(text):
+    if event_checksum is not None and event_checksum != binascii.b2a_base64(
+            hashlib.sha256(raw).digest(), newline=False).decode():
         return None, Problem("InvalidChecksum",
                              "eventDataChecksum does not match the SHA-256 of eventData")
     try:
@@ -125,7 +130,7 @@ def parse_event_text(text: Any, account_id: str | None, event_checksum: str | No
     # A \uD800-style escape decodes to a lone surrogate, which no UTF-8 store can hold.
     if "\\u" in text and not _encodable(dumps(data)):
         return None, Problem("InvalidData", "eventData holds a lone UTF-16 surrogate")
-    return data, check_event(data, account_id, text_bytes=len(text.encode("utf-8")))
+    return data, check_event(data, account_id, text_bytes=len(raw))
 
 
 def _encodable(text: str) -> bool:
@@ -136,13 +141,101 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def check_event(data: Any, account_id: str | None, *, text_bytes: int | None = None
-                ) -> Problem | None:
+def check_event(data: Any, account_id: str | None, *, text_bytes: int | None = None,
+                object_bytes: int | None = None) -> Problem | None:
     """Check a decoded ``eventData`` object; ``account_id`` None skips the recipient check.
 
     ``text_bytes``, the UTF-8 size of the JSON text ``data`` was decoded from, lets small events
-    skip re-serialising their objects to measure them (see ``OBJECT_SIZE_GROWTH``).
+    skip re-serialising their objects to measure them (see ``OBJECT_SIZE_GROWTH``);
+    ``object_bytes``, a bound the caller knows for the compact JSON size of each object field,
+    does the same (an object is measured only when its bound exceeds its limit).
+
+    The answer is always :func:`first_problem`'s: a quick test that an event is plainly valid
+    (the usual case) answers None at a fraction of the cost; anything else (a problem, a null, a
+    str subclass, a long string) is left to ``first_problem``, which names the first problem.
     """
+    if data.__class__ is dict:
+        try:
+            if _plainly_valid(data, account_id, text_bytes, object_bytes):
+                return None
+        except Exception:  # first_problem raises the same, or answers what it found first
+            pass
+    return first_problem(data, account_id, text_bytes=text_bytes, object_bytes=object_bytes)
+
+
+_REQUIRED_TOP_KEYS = frozenset(REQUIRED_TOP)
+_REQUIRED_IDENTITY_KEYS = frozenset(REQUIRED_IDENTITY)
+# Per top-level field, what _plainly_valid checks: a length limit (str of at most this many UTF-8
+# bytes), 0 (a str whose format is checked after), -1 (an object), -2 (userIdentity).
+_FIELD_KIND = {**{name: (0 if name in ("eventTime", "sourceIPAddress", "recipientAccountId")
+                         else limit) for name, limit in STRING_LIMITS.items()},
+               **{name: -1 for name in OBJECT_LIMITS}, "userIdentity": -2}
+_SMALLEST_OBJECT_LIMIT = min(OBJECT_LIMITS.values())
+
+
+def _plainly_valid(data: dict, account_id: str | None, text_bytes: int | None,
+                   object_bytes: int | None) -> bool:
+    """True only when ``first_problem`` finds nothing; False when unsure (no null allowed).
+
+    A str of n code points takes at most 4n UTF-8 bytes (3n for a surrogate with
+    surrogatepass), so strings of at most a quarter of their limit are not encoded to be measured.
+    """
+    keys = data.keys()
+    if not _REQUIRED_TOP_KEYS <= keys <= KNOWN_TOP:
+        return False
+    for name, value in data.items():
+        kind = _FIELD_KIND[name]
+        if kind > 0:
+            if value.__class__ is not str or (
+                    len(value) << 2 > kind
+                    and len(value.encode("utf-8", "surrogatepass")) > kind):
+                return False
+        elif kind == 0:
+            if value.__class__ is not str:
+                return False
+        elif kind == -1:
+            if value.__class__ is not dict:
+                return False
+        else:
+            if value.__class__ is not dict or not (
+                    _REQUIRED_IDENTITY_KEYS <= value.keys() <= KNOWN_IDENTITY):
+                return False
+            for key, item in value.items():
+                if key == "details":
+                    if item.__class__ is not dict:
+                        return False
+                elif item.__class__ is not str or (
+                        len(item) << 2 > IDENTITY_STRING_LIMITS[key]
+                        and len(item.encode("utf-8", "surrogatepass"))
+                        > IDENTITY_STRING_LIMITS[key]):
+                    return False
+    # The format checks are cached (bursts of events share times, addresses, the account); only
+    # values of a valid length are looked up, so the caches hold small strings only.
+    event_time = data["eventTime"]
+    if len(event_time) != 20 or not _valid_event_time_cached(event_time):
+        return False
+    source_ip = data.get("sourceIPAddress")
+    if source_ip is not None and (len(source_ip) > 45 or not _valid_ip_cached(source_ip)):
+        return False
+    recipient = data["recipientAccountId"]
+    if (account_id is not None and recipient != account_id) or len(recipient) != 12 or (
+            not _valid_account(recipient)):
+        return False
+    bound = object_bytes
+    if text_bytes is not None and (bound is None or text_bytes * OBJECT_SIZE_GROWTH < bound):
+        bound = text_bytes * OBJECT_SIZE_GROWTH
+    if bound is None or bound > _SMALLEST_OBJECT_LIMIT:
+        for name, limit in OBJECT_LIMITS.items():
+            value = data.get(name)
+            if value is not None and (bound is None or bound > limit) and (
+                    len(dumps(value).encode("utf-8")) > limit):
+                return False
+    return True
+
+
+def first_problem(data: Any, account_id: str | None, *, text_bytes: int | None = None,
+                  object_bytes: int | None = None) -> Problem | None:
+    """The reference check: every step in the contract's order, the first problem found."""
     if not isinstance(data, dict):
         return Problem("InvalidData", "eventData must be a JSON object")
     for name in REQUIRED_TOP:
@@ -179,6 +272,8 @@ def check_event(data: Any, account_id: str | None, *, text_bytes: int | None = N
             return Problem("InvalidData", f"{name} must be an object")
         if text_bytes is not None and text_bytes * OBJECT_SIZE_GROWTH <= limit:
             continue  # cannot be over the limit, whatever it holds
+        if object_bytes is not None and object_bytes <= limit:
+            continue
         size = len(dumps(value).encode("utf-8"))
         if size > limit:
             return Problem("FieldTooLong", f"{name} is {size} bytes; the limit is {limit}")
@@ -209,6 +304,22 @@ def _check_strings(obj: dict, limits: dict[str, int], prefix: str) -> Problem | 
         if size > limit:
             return Problem("FieldTooLong", f"{prefix}{name} is {size} bytes; the limit is {limit}")
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_event_time_cached(value: str) -> bool:
+    # Events come in bursts from the same seconds: most times were checked a moment ago.
+    return valid_event_time(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_ip_cached(value: str) -> bool:
+    return valid_ip(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_account(value: str) -> bool:
+    return ACCOUNT_RE.match(value) is not None
 
 
 def valid_event_time(value: Any) -> bool:
