@@ -269,10 +269,14 @@ local encode_into
 -- Header and bytes go into buf separately: no intermediate string is built and interned.
 -- Strings of a strict_utf8 encoding, collected to be checked in one scan (see encode_parts).
 local pending, npending = {}, 0
+-- Short strings already found valid (keys, enum-like values repeat in every event): they skip
+-- the scan. Bounded; emptied when full.
+local KNOWN_MAX_LEN, KNOWN_MAX_COUNT = 64, 4096
+local known_utf8, known_count = {}, 0
 
 local function encode_string(buf, n, s, opts)
   local len = #s
-  if opts.strict_utf8 then
+  if opts.strict_utf8 and not known_utf8[s] then
     npending = npending + 1
     pending[npending] = s
   end
@@ -345,9 +349,18 @@ function M.encode_parts(buf, n, value, opts)
   npending = 0
   n = encode_into(buf, n, value, opts, 0)
   local joined = table_concat(pending, "\0", 1, npending)
-  for i = 1, npending do pending[i] = nil end -- do not keep event strings alive
+  local valid = utf8_valid(joined)
+  for i = 1, npending do
+    local s = pending[i]
+    pending[i] = nil -- do not keep event strings alive
+    if valid and #s <= KNOWN_MAX_LEN and not known_utf8[s] then
+      if known_count >= KNOWN_MAX_COUNT then known_utf8, known_count = {}, 0 end
+      known_utf8[s] = true
+      known_count = known_count + 1
+    end
+  end
   npending = 0
-  if not utf8_valid(joined) then
+  if not valid then
     error("string is not valid UTF-8", 0)
   end
   return n
