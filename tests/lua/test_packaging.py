@@ -4,6 +4,7 @@ in the checkout, and the wheel must carry real files that the installed package 
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import zipfile
@@ -12,7 +13,8 @@ import pytest
 
 from cloudtrail_sink import luaharness
 
-REPO = luaharness.PACKAGE_DIR.parents[2]
+# The checkout, not the installed package: tests/run installs sink/ non-editable.
+REPO = pathlib.Path(__file__).resolve().parents[2]
 LUA_FILES = ["cloudtrail.lua", "lua/cloudtrail/filter.lua", "lua/cloudtrail/spool.lua",
              "lua/cloudtrail/msgpack.lua", "lua/cloudtrail/clock.lua",
              "lua/cloudtrail/mapper.lua"]
