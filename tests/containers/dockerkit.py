@@ -9,6 +9,8 @@ Contract:
 - :class:`Wheelhouse` builds wheels of ``./sink`` and its dependencies on the host (the build
   cannot verify TLS itself) and serves them over HTTP on 127.0.0.1 for the build's pip, which
   gets ``PIP_NO_INDEX=1 PIP_FIND_LINKS=<url>`` as build args: the Dockerfile stays plain.
+  Binary wheels are built for the host's Python, which must be the base image's minor version
+  (3.11: this machine kind and Debian bookworm alike).
 - :func:`build_image` runs the classic builder (``DOCKER_BUILDKIT=0``; there is no buildx here)
   with host networking and raises :class:`BuildFailed` carrying the build output.
 - Every address used is 127.0.0.1.
@@ -105,11 +107,13 @@ class Wheelhouse:
             old.unlink()  # always today's sink, never a stale one
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         # --find-links the same folder: dependencies fetched by an earlier run are reused.
-        subprocess.run(pip + ["wheel", "--find-links", str(self.folder), "-w", str(self.folder),
-                              str(REPO / "sink")], check=True, timeout=600)
-        subprocess.run(pip + ["download", "--find-links", str(self.folder), "-d",
-                              str(self.folder), "setuptools>=68", "wheel"],
-                       check=True, timeout=600)
+        for args in (["wheel", "--find-links", str(self.folder), "-w", str(self.folder),
+                      str(REPO / "sink")],
+                     ["download", "--find-links", str(self.folder), "-d", str(self.folder),
+                      "setuptools>=68", "wheel"]):
+            proc = subprocess.run(pip + args, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"pip {args[0]} failed:\n{proc.stdout}{proc.stderr}"[-4000:])
         return self
 
     def serve(self) -> str:
