@@ -70,8 +70,14 @@ def acquire_lock(lay: spool.Layout) -> int:
             os.close(fd)
         raise LockHeld(f"spool {lay.root} is in use by another sink (pid {holder}); "
                        f"one sink per spool") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        # The pid is only a hint for the "in use" message; the flock is the lock. A full disk
+        # must not keep the sink from starting and draining the very spool that fills it.
+        log.warning("could not record the pid in the spool lock file",
+                    extra={"lock": str(lay.lock), "error": exc.strerror})
     return fd
 
 
