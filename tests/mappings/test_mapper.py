@@ -349,3 +349,71 @@ def test_the_record_is_never_changed(mapper_for):
     assert ev["additionalEventData"]["invalidSourceIPAddress"] == "not-an-ip"
     assert ev["additionalEventData"]["truncatedFields"] == ["eventName"]
     assert luaharness.from_lua(lrec, m.lua) == record
+
+
+DETAILS = """\
+rules:
+  - name: r
+    match:
+      tag: "app.*"
+    oversize: {oversize}
+    event:
+      userIdentity:
+        type: T
+        principalId: p
+        details: $d
+      eventSource: src
+      eventName: $n
+      errorMessage: $e
+      requestParameters: $rp
+      responseElements: $re
+      additionalEventData: $aed
+"""
+
+
+def on_the_wire(event):
+    """What the sink makes of the event before it sends it: Prepared, or Rejected with why."""
+    from cloudtrail_sink import events
+    from cloudtrail_sink.config import DEFAULT_MAX_REQUEST_BYTES
+    return events.build({"eventData": event, "tag": "app.x", "time": T0}, "123456789012",
+                        DEFAULT_MAX_REQUEST_BYTES)
+
+
+def test_oversize_truncate_bounds_user_identity_details_so_the_event_fits_a_request(mapper_for):
+    """details has no service limit, but an event must fit one request: it is cut visibly at
+    100,000 bytes instead of ending as FieldTooLong in failed/."""
+    from cloudtrail_sink import events
+    m = mapper_for(DETAILS.format(oversize="truncate"))
+    huge = {"k": '"' * 600_000}        # 1.2 MB of JSON, 2.4 MB once escaped into a request
+    ev = ok(m.map("app.x", T0, {"n": "n", "d": huge}).event)
+    details = ev["userIdentity"]["details"]
+    assert details["truncated"] is True
+    assert details["originalBytes"] == len(schema.dumps(huge).encode())
+    assert 99_900 < len(schema.dumps(details).encode()) <= 100_000
+    assert schema.dumps(huge).startswith(details["preview"])
+    assert ev["additionalEventData"] == {"truncatedFields": ["userIdentity.details"]}
+    assert isinstance(on_the_wire(ev), events.Prepared)
+
+    # Every field at its limit at once, all of it characters that double when escaped: the
+    # bound still leaves the event inside the sink's default request budget.
+    q = '"' * 300_000
+    rec = {"n": q, "e": q, "d": {"k": q}, "rp": {"k": q}, "re": {"k": q}, "aed": {"k": q}}
+    ev = ok(m.map("app.x", T0, rec).event)
+    assert ev["additionalEventData"]["truncated"] is True
+    assert ev["additionalEventData"]["truncatedFields"] == [
+        "eventName", "errorMessage", "userIdentity.details", "requestParameters",
+        "responseElements", "additionalEventData"]
+    assert isinstance(on_the_wire(ev), events.Prepared)
+
+
+def test_user_identity_details_at_the_bound_pass_and_reject_names_the_field(mapper_for):
+    rec = {"n": "n", "d": {"k": ""}}
+    rec["d"]["k"] = "a" * (100_000 - len(schema.dumps(rec["d"]).encode()))
+    assert len(schema.dumps(rec["d"]).encode()) == 100_000
+    for oversize in ("truncate", "reject"):
+        m = mapper_for(DETAILS.format(oversize=oversize))
+        ev = ok(m.map("app.x", T0, rec).event)
+        assert ev["userIdentity"]["details"] == rec["d"] and "additionalEventData" not in ev
+    res = m.map("app.x", T0, {"n": "n", "d": {"k": "a" * 100_000}})
+    assert res.event is None
+    assert "userIdentity.details is 100008 bytes; the limit is 100000" in res.reason
