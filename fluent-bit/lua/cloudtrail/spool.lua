@@ -20,6 +20,9 @@
 --     and the entry is retried once in a fresh file; a second failure returns nil, err.
 --   w:tick()  seals files older than max_age and retries renames that failed earlier.
 --   w:seal_all()  seals every open file (clean shutdown).
+--   While a tmp/ file is written, the writer holds flock(LOCK_EX) on it (a second descriptor,
+--   through the ffi) until it is renamed, so the sink's stale-tmp backstop never takes it
+--   (docs/spool.md); without ffi there is no lock and the backstop relies on its age alone.
 --   Sealing = close, then rename(2) into ready/<sealed_us>-<writer>-<seq>.seg (or rejected/
 --   ...rej); sealed_us is the clock in microseconds, 16 digits, strictly increasing per writer.
 --   A file whose rename fails stays in a retry list (tick retries; recover() of the next start
@@ -52,6 +55,31 @@ if ffi_ok then
     int mkdir(const char *path, unsigned int mode);
   ]])
   C = ffi.C
+  -- Separate cdef: a clash with another module's declaration must not cost the ones above.
+  pcall(ffi.cdef, [[
+    int open(const char *path, int flags, ...);
+    int flock(int fd, int operation);
+    int close(int fd);
+  ]])
+end
+
+local O_RDONLY_CLOEXEC = 524288 -- O_RDONLY | O_CLOEXEC (02000000) on Linux x86_64/aarch64
+local LOCK_EX_NB = 6           -- LOCK_EX | LOCK_NB
+
+-- A descriptor of path holding flock(LOCK_EX), or nil (no ffi, or the lock is unavailable).
+local function lock_file(path)
+  if not ffi_ok then return nil end
+  local ok, fd = pcall(C.open, path, O_RDONLY_CLOEXEC)
+  if not ok or fd < 0 then return nil end
+  if C.flock(fd, LOCK_EX_NB) ~= 0 then
+    C.close(fd)
+    return nil
+  end
+  return fd
+end
+
+local function unlock_file(fd)
+  if fd then pcall(C.close, fd) end
 end
 
 local function list_dir(path)
@@ -93,7 +121,7 @@ Stream.__index = Stream
 local function new_stream(writer, tmp_suffix, out_dir, out_suffix)
   return setmetatable({
     w = writer, tmp_suffix = tmp_suffix, out_dir = out_dir, out_suffix = out_suffix,
-    file = nil, path = nil, seq = nil, count = 0, bytes = 0, opened_at = 0,
+    file = nil, path = nil, seq = nil, count = 0, bytes = 0, opened_at = 0, lock_fd = nil,
   }, Stream)
 end
 
@@ -196,6 +224,7 @@ function Stream:open(now)
     if not f then return nil, "cannot create " .. path .. ": " .. tostring(err) end
   end
   f:setvbuf("no")
+  self.lock_fd = lock_file(path)
   self.file, self.path, self.seq = f, path, w.seq
   self.count, self.bytes, self.opened_at = 0, 0, now
   return true
@@ -207,12 +236,19 @@ function Stream:seal()
   self.file = nil
   -- pcall: at lua_close the io library may have finalized (closed) the file before us.
   pcall(f.close, f)
+  local lock_fd = self.lock_fd
+  self.lock_fd = nil
   if self.bytes == 0 then
     os_remove(self.path)
+    unlock_file(lock_fd)
     return true
   end
   local w = self.w
-  return w:publish(self.path, self.out_dir, w:published_name(w.writer, self.seq, self.out_suffix))
+  -- The lock is released only after the rename: the sink never sees the file unlocked in tmp/.
+  local ok, err = w:publish(self.path, self.out_dir,
+                            w:published_name(w.writer, self.seq, self.out_suffix))
+  unlock_file(lock_fd)
+  return ok, err
 end
 
 function Stream:seal_if_old(now)

@@ -9,8 +9,12 @@ This module is the Python side of ``docs/spool.md`` and follows it exactly:
   sealing order.
 - :class:`SpoolWriter` appends msgpack maps ``{"eventData", "tag", "time"[, "id"]}`` to a ``tmp/``
   file, seals it (fsync, close, rename into ``ready/``) when it holds ``max_events`` events or
-  reaches ``max_bytes``, and on ``seal()``/``close()``. The clock and the random source are
-  injected so names are deterministic in tests.
+  reaches ``max_bytes``, and on ``seal()``/``close()``. With ``max_age`` it also seals a segment
+  open for that long (before the next append, and on ``tick()``). The clock and the random source
+  are injected so names are deterministic in tests.
+- Every writer holds ``flock(LOCK_EX)`` on its ``tmp/`` file from creation until it was renamed
+  into ``ready/``; :func:`lock_if_abandoned` is how the sink's stale-tmp backstop checks that
+  nobody holds a file (a held file is never taken, however old its modification time).
 - :func:`open_segment` opens with ``O_NOFOLLOW | O_NONBLOCK`` and refuses anything ``fstat`` does
   not call a regular file (:class:`NotRegularFile`), so a spool writer cannot make the sink read a
   file it links to. :func:`read_records` streams the records with a bounded buffer and reports the
@@ -20,6 +24,8 @@ This module is the Python side of ``docs/spool.md`` and follows it exactly:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import os
 import random
 import re
@@ -118,12 +124,36 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def lock_if_abandoned(path: str) -> int | None:
+    """An fd of ``path`` holding ``flock(LOCK_EX)``, or None when a live writer holds the file
+    (or it vanished). Never follows symlinks; raises :class:`NotRegularFile` for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(exc.errno, "is a symbolic link", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(0, "is not a regular file", path)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
 class SpoolWriter:
     """Writes events into sealed segments, exactly like the Lua writer (see module docstring)."""
 
     def __init__(self, root: str | os.PathLike, kind: str = "cli", max_events: int = 500,
                  max_bytes: int = 1 << 20, clock: Callable[[], float] = _time.time,
-                 rand: random.Random | None = None, fsync: bool = True):
+                 rand: random.Random | None = None, fsync: bool = True,
+                 max_age: float | None = None):
         self.layout = ensure_layout(root)
         self.kind = kind
         self.max_events = max(1, int(max_events))
@@ -131,6 +161,7 @@ class SpoolWriter:
         self.clock = clock
         self.writer = writer_name(kind, rand if rand is not None else random.Random())
         self.fsync = fsync
+        self.max_age = max_age
         self.seq = 0
         self.sealed: list[str] = []
         self.events_written = 0
@@ -138,6 +169,7 @@ class SpoolWriter:
         self._path: str | None = None
         self._count = 0
         self._bytes = 0
+        self._opened_at = 0.0
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def write(self, event_data: dict, tag: str = "cli", time: float | None = None,
@@ -150,10 +182,16 @@ class SpoolWriter:
         if id is not None:
             record["id"] = str(id)
         data = self._packer.pack(record)
+        if self._file is not None and self.max_age is not None:
+            self.tick()
         if self._file is None:
             self.seq += 1
             self._path = os.path.join(self.layout.tmp, tmp_name(self.writer, self.seq))
             self._file = open(self._path, "xb")
+            # Held until the rename into ready/: the sink's stale-tmp backstop never takes a
+            # file a live writer holds, however long its input stays quiet.
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            self._opened_at = self.clock()
             self._count = 0
             self._bytes = 0
         self._file.write(data)
@@ -162,6 +200,21 @@ class SpoolWriter:
         self.events_written += 1
         if self._count >= self.max_events or self._bytes >= self.max_bytes:
             self.seal()
+
+    def tick(self) -> str | None:
+        """Seal the open segment if it is ``max_age`` old (or the clock stepped back)."""
+        if self._file is None or self.max_age is None:
+            return None
+        age = self.clock() - self._opened_at
+        if age >= self.max_age or age < 0:
+            return self.seal()
+        return None
+
+    def seconds_to_seal(self) -> float | None:
+        """How long until ``tick()`` seals the open segment (None: nothing to seal by age)."""
+        if self._file is None or self.max_age is None:
+            return None
+        return max(0.0, self.max_age - (self.clock() - self._opened_at))
 
     def seal(self) -> str | None:
         """Publish the open segment into ``ready/``; returns its path (None when nothing open)."""
@@ -173,9 +226,10 @@ class SpoolWriter:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
+            # Renamed while the lock is still held; closing releases it.
+            dest = publish(self.layout, path, self.writer, self.seq, self.clock)
         finally:
             f.close()
-        dest = publish(self.layout, path, self.writer, self.seq, self.clock)
         self.sealed.append(dest)
         return dest
 

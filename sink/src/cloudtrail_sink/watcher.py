@@ -9,7 +9,13 @@ Contract:
 - :meth:`SegmentQueue.scan` lists ``ready/`` once: ``*.seg`` regular files are offered, anything
   else (other names, symlinks, FIFOs, folders) is reported once through ``on_ignored`` and never
   opened. It also publishes ``tmp/*.open`` files older than ``stale_tmp_seconds`` (a writer that
-  never came back) under a fresh ``ready/`` name, as docs/spool.md says.
+  never came back) under a fresh ``ready/`` name, as docs/spool.md says, but only a file it can
+  ``flock(LOCK_EX | LOCK_NB)``: a live writer holds its file locked, however old its mtime.
+  ``scan(publish_stale=False)`` (dry run) only lists.
+- ``release(name, retry_after)`` forgets a segment whose read or deletion failed and keeps it out
+  of scans for ``retry_after`` seconds (then a scan offers it again); ``held()`` counts those.
+- Names reported through ``on_ignored`` are remembered (at most ``MAX_IGNORED``, then the
+  memory starts over and a name may be reported again) so each is reported once.
 - :class:`Watcher` runs a full scan at start, a watchdog (inotify) observer on ``ready/`` so new
   segments are seen at once without polling, and a rescan every ``rescan_seconds`` as a backstop
   (watchdog drops inotify queue overflows silently). With ``poll=True`` there is no observer and
@@ -31,6 +37,8 @@ from . import spool
 
 log = logging.getLogger("cloudtrail_sink.watcher")
 
+MAX_IGNORED = 10_000
+
 
 class SegmentQueue:
     def __init__(self, lay: spool.Layout, on_ignored: Callable[[str, str], None] | None = None,
@@ -42,6 +50,7 @@ class SegmentQueue:
         self._heap: list[str] = []
         self._known: dict[str, int] = {}   # name -> size in bytes
         self._ignored: set[str] = set()
+        self._held: dict[str, float] = {}  # name -> clock() when a scan may offer it again
         self._cond = threading.Condition()
         self._closed = False
         self.bytes = 0
@@ -63,6 +72,10 @@ class SegmentQueue:
         with self._cond:
             if name in self._known or name in self._ignored:
                 return False
+            if name in self._held:
+                if self._held[name] > self.clock():
+                    return False
+                del self._held[name]
             self._known[name] = size
             self.bytes += size
             heapq.heappush(self._heap, name)
@@ -88,6 +101,21 @@ class SegmentQueue:
                 self.bytes -= size
             self._cond.notify_all()
 
+    def release(self, name: str, retry_after: float) -> None:
+        """Forget ``name`` (its read or deletion failed); scans offer it again after
+        ``retry_after`` seconds. Its file is left as it is."""
+        with self._cond:
+            size = self._known.pop(name, None)
+            if size is not None:
+                self.bytes -= size
+            self._held[name] = self.clock() + retry_after
+            self._cond.notify_all()
+
+    def held(self) -> list[str]:
+        """Names released after a failure and not offered again yet."""
+        with self._cond:
+            return sorted(self._held)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -111,10 +139,12 @@ class SegmentQueue:
         return parsed[0] if parsed else None
 
     # -- scanning -------------------------------------------------------------------------------
-    def scan(self) -> int:
+    def scan(self, publish_stale: bool = True) -> int:
         """List ready/ (and stale tmp/ files); returns how many new segments were offered."""
-        self.publish_stale_tmp()
+        if publish_stale:
+            self.publish_stale_tmp()
         new = 0
+        seen: set[str] = set()
         try:
             it = os.scandir(self.layout.ready)
         except FileNotFoundError:
@@ -122,6 +152,7 @@ class SegmentQueue:
         with it:
             for entry in it:
                 name = entry.name
+                seen.add(name)
                 if name in self._known or name in self._ignored:
                     continue
                 try:
@@ -140,6 +171,9 @@ class SegmentQueue:
                     continue
                 if self.offer(name, size):
                     new += 1
+        with self._cond:  # forget held names whose file is gone (deleted by hand)
+            for name in [n for n in self._held if n not in seen]:
+                del self._held[name]
         self.scans += 1
         return new
 
@@ -151,6 +185,8 @@ class SegmentQueue:
                 self.bytes -= size
             if name in self._ignored:
                 return
+            if len(self._ignored) >= MAX_IGNORED:
+                self._ignored.clear()  # bounded: a name may be reported once more
             self._ignored.add(name)
             self._cond.notify_all()
         if not name.startswith("."):
@@ -185,11 +221,21 @@ class SegmentQueue:
                     continue
                 writer, seq = parsed
                 try:
+                    fd = spool.lock_if_abandoned(entry.path)
+                except OSError as exc:
+                    log.warning("could not check a stale tmp file", extra={
+                        "file": entry.name, "error": exc.strerror})
+                    continue
+                if fd is None:
+                    continue  # a live writer holds it (quiet input): it seals it itself
+                try:
                     dest = spool.publish(self.layout, entry.path, writer, seq, self.clock)
                 except OSError as exc:
                     log.warning("could not publish stale tmp file", extra={
                         "file": entry.name, "error": exc.strerror})
                     continue
+                finally:
+                    os.close(fd)
                 published += 1
                 log.warning("published a stale tmp file left by a writer that is gone", extra={
                     "file": entry.name, "segment": os.path.basename(dest),

@@ -5,7 +5,9 @@ object, or a wrapper ``{"eventData": {...}, "tag": "...", "time": <float>, "id":
 are published as sealed segments exactly as the Lua writer does (writer kind ``cli``). A line
 that is not a JSON object is reported on stderr as ``FILE:LINE: reason`` and skipped; every
 valid line is still written, and the exit code is 1 when any line was skipped. On a terminal a
-progress line is drawn on stderr.
+progress line is drawn on stderr. Streamed input (a pipe, FIFO or terminal, e.g. ``tail -f log |
+cloudtrail-sink spool write -``) is read as it comes, and a segment open for ``--max-age``
+seconds is sealed even while no line arrives, so events reach ``ready/`` promptly.
 
 ``spool stats --spool-dir D [--json]`` counts segments and bytes per folder and the age of the
 oldest ready segment.
@@ -16,8 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import stat
 import sys
 import time
+from typing import Iterator
 
 from .. import spool
 
@@ -36,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="events per segment (default: 500, as the Lua writer)")
     w.add_argument("--max-bytes", type=int, default=1 << 20,
                    help="bytes per segment (default: 1 MiB, as the Lua writer)")
+    w.add_argument("--max-age", type=float, default=1.0,
+                   help="with streamed input (pipe, FIFO, terminal), seal a segment open this "
+                        "many seconds even while no line arrives (default: 1.0, as the Lua "
+                        "writer; 0: only by count and size)")
     w.add_argument("--no-fsync", action="store_true",
                    help="do not fsync each segment before publishing it (faster benchmarks)")
     w.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
@@ -82,19 +91,25 @@ def cmd_write(args: argparse.Namespace) -> int:
         print(f"cloudtrail-sink spool write: cannot read {name}: {exc.strerror}", file=sys.stderr)
         return 2
     total = None
-    if args.file != "-":
-        try:
-            total = os.fstat(stream.fileno()).st_size
-        except OSError:
-            total = None
+    streamed = False
+    try:
+        st = os.fstat(stream.fileno())
+        streamed = not stat.S_ISREG(st.st_mode)
+        if args.file != "-" and not streamed:
+            total = st.st_size
+    except (OSError, ValueError):
+        pass
+    max_age = args.max_age if streamed and args.max_age > 0 else None
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     progress = _Progress(show, total)
     bad = 0
     done = 0
     try:
         with spool.SpoolWriter(args.spool_dir, kind="cli", max_events=args.max_events,
-                               max_bytes=args.max_bytes, fsync=not args.no_fsync) as writer:
-            for lineno, raw in enumerate(stream, 1):
+                               max_bytes=args.max_bytes, fsync=not args.no_fsync,
+                               max_age=max_age) as writer:
+            lines = _streamed_lines(stream.fileno(), writer) if max_age else stream
+            for lineno, raw in enumerate(lines, 1):
                 done += len(raw)
                 if not raw.strip():
                     continue
@@ -123,6 +138,31 @@ def cmd_write(args: argparse.Namespace) -> int:
     print(f"spool write: {writer.events_written} events in {len(writer.sealed)} segments"
           + (f", {bad} lines skipped" if bad else ""), file=sys.stderr)
     return 1 if bad else 0
+
+
+def _streamed_lines(fd: int, writer: spool.SpoolWriter) -> Iterator[bytes]:
+    """The lines of ``fd`` as they arrive; while none comes, the writer's open segment is
+    sealed once it is ``max_age`` old (select with a timeout, no thread)."""
+    partial: list[bytes] = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], writer.seconds_to_seal())
+        if not ready:
+            writer.tick()
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        pieces = chunk.split(b"\n")
+        if len(pieces) > 1:
+            partial.append(pieces[0])
+            yield b"".join(partial) + b"\n"
+            partial = []
+            for piece in pieces[1:-1]:
+                yield piece + b"\n"
+        if pieces[-1]:
+            partial.append(pieces[-1])
+    if partial:
+        yield b"".join(partial)
 
 
 def _write_line(writer: spool.SpoolWriter, obj: dict, default_tag: str) -> None:
