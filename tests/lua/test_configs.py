@@ -3,15 +3,27 @@
 Every section and plugin key must be one Fluent Bit 5.1 knows; the Lua filter must point at the
 real script and function; the tick must exist and reach the filter; every input must reach the
 filter; syslog lines in both RFC formats must split into the fields the mappings use. Then one
-syslog line goes parser -> Lua filter (shipped mappings) -> spool.
+syslog line goes parser -> Lua filter (shipped mappings) -> spool. Records the filter could not
+spool must reach the `unspooled` file output on the spool volume, and the replay documented in
+docs/fluent-bit.md must send them back with their tag and time.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import io
+import json
+import os
 import pathlib
 import re
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
 
+import msgpack
 import pytest
 import yaml
 
@@ -66,6 +78,12 @@ FILTER_KEYS = {
                    "use_kubelet", "kubelet_host", "kubelet_port", "kube_meta_cache_ttl",
                    "namespace_labels", "namespace_annotations", "owner_references"},
 }
+OUTPUT_COMMON = {"name", "match", "match_regex", "alias", "log_level", "retry_limit",
+                 "storage.total_limit_size", "workers", "processors"}
+OUTPUT_KEYS = {
+    "file": {"path", "file", "format", "delimiter", "label_delimiter", "template",
+             "csv_column_names", "mkdir"},
+}
 PARSER_KEYS = {"name", "format", "regex", "time_key", "time_format", "time_keep", "time_offset",
                "time_strict", "types", "decode_field", "decode_field_as", "skip_empty_values"}
 
@@ -111,6 +129,10 @@ def test_sections_and_keys_are_known(config):
         known = FILTER_COMMON | FILTER_KEYS[item["name"]]
         assert set(item) <= known, (name, item["name"], set(item) - known)
         assert "match" in item
+    for item in doc["pipeline"].get("outputs", []):
+        known = OUTPUT_COMMON | OUTPUT_KEYS[item["name"]]
+        assert set(item) <= known, (name, item["name"], set(item) - known)
+        assert ("match" in item) != ("match_regex" in item), item
     for include in doc.get("includes", []):
         assert (FB / include).is_file()
 
@@ -131,7 +153,6 @@ def test_lua_filter_points_at_the_entry_and_is_last(config):
     assert re.search(r"^function cb_cloudtrail\(tag, timestamp, record\)", script.read_text(), re.M)
     assert lua.get("protected_mode", True) is True
     assert [f for f in filters if f["name"] == "lua"] == [lua]
-    assert "outputs" not in doc["pipeline"]  # records leave through the spool only
 
 
 def test_tick_exists_and_every_input_reaches_the_filter(config):
@@ -143,6 +164,56 @@ def test_tick_exists_and_every_input_reaches_the_filter(config):
     for item in doc["pipeline"]["inputs"]:
         tag = item.get("tag", "any.forwarded.tag").replace("*", "var.log.x.log")
         assert tag_matches(lua["match"], tag), item
+
+
+def routes_to(output: dict, tag: str) -> bool:
+    """Fluent Bit's router: `match` is a wildcard pattern, `match_regex` an Onigmo regex searched
+    in the tag (Python's `re` reads these patterns the same way)."""
+    if "match_regex" in output:
+        return re.search(output["match_regex"], tag) is not None
+    return tag_matches(output["match"], tag)
+
+
+DEPLOYED_SPOOL = "/var/spool/cloudtrail"  # CLOUDTRAIL_SPOOL_DIR in compose.yaml and the DaemonSet
+
+
+def test_records_the_filter_could_not_spool_are_kept_in_the_spool_volume(config):
+    """A record the Lua filter returns with code 0 (modules not loaded, unexpected error, spool
+    folder not writable) goes on to the outputs; with none matching, Fluent Bit drops it (and
+    refuses to start with no output at all). Every tag the filter sees, except the tick it
+    always drops, must reach the one `file` output in <spool>/unspooled, in the default format
+    that keeps tag and time for the replay."""
+    name, doc = config
+    lua = doc["pipeline"]["filters"][-1]
+    [out] = doc["pipeline"]["outputs"]
+    assert out["name"] == "file" and out["alias"] == "unspooled"
+    assert out["path"] == DEPLOYED_SPOOL + "/unspooled" and out["mkdir"] is True
+    assert "format" not in out  # `TAG: [TIME, JSON]`: tag and time kept
+    assert out["file"] == "records.log"  # one file: a tag never becomes a path
+    tags = ["syslog", "kube.audit", "any.forwarded.tag", "x", "cloudtrail.tick.not", "a*b",
+            "cloudtrail.ticks", "kube.var.log.containers.app_default_app-123.log"]
+    for item in doc["pipeline"]["inputs"]:
+        tags.append(item.get("tag", "any.forwarded.tag").replace("*", "var.log.x.log"))
+    for tag in tags:
+        if tag == "cloudtrail.tick":
+            continue
+        assert tag_matches(lua["match"], tag) and routes_to(out, tag), (name, tag)
+    assert not routes_to(out, "cloudtrail.tick")
+
+
+def test_the_unspooled_folder_exists_where_the_deployments_put_the_spool():
+    compose = yaml.safe_load((FB.parent / "compose.yaml").read_text())
+    env = compose["services"]["fluent-bit"]["environment"]
+    assert env["CLOUDTRAIL_SPOOL_DIR"] == DEPLOYED_SPOOL
+    assert any(v.endswith(":" + DEPLOYED_SPOOL) for v in compose["services"]["fluent-bit"]["volumes"])
+    ds = yaml.safe_load((FB.parent / "deploy/kubernetes/base/daemonset.yaml").read_text())
+    pod = ds["spec"]["template"]["spec"]
+    fb = next(c for c in pod["containers"] if c["name"] == "fluent-bit")
+    assert {"name": "CLOUDTRAIL_SPOOL_DIR", "value": DEPLOYED_SPOOL} in fb["env"]
+    # Created group-writable up front: Fluent Bit (uid 0, gid 10001, no capabilities) writes
+    # there through its group, and the sink container's user can move replayed files away.
+    prepare = next(c for c in pod["initContainers"] if c["name"] == "prepare-spool")
+    assert DEPLOYED_SPOOL + "/unspooled" in prepare["command"]
 
 
 def test_inputs_listen_where_documented(config):
@@ -238,3 +309,69 @@ def test_a_syslog_line_through_parser_filter_and_shipped_mappings(lua_filter, sp
     assert event["userIdentity"]["principalId"] == "alice"
     assert event["sourceIPAddress"] == "192.0.2.7"
     assert event["recipientAccountId"] == ACCOUNT
+
+
+def documented_replay_script() -> str:
+    doc = (FB.parent / "docs" / "fluent-bit.md").read_text()
+    marker = "<!-- replay-unspooled.py: tests/lua/test_configs.py runs this block -->"
+    block = doc.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    return textwrap.dedent(block)
+
+
+def test_the_documented_replay_sends_unspooled_records_back_with_tag_and_time(
+        tmp_path, lua_filter, spool):
+    """The recovery in docs/fluent-bit.md: lines as out_file writes them go to a forward input
+    (a stand-in on 127.0.0.1 here) with their own tag and time, and the filter then maps them."""
+    records = [
+        ("syslog", 1764237600, 123456789, parse_syslog(
+            "<38>Nov 27 10:00:00 web1 sshd[4711]: Accepted publickey for alice from 192.0.2.7 "
+            "port 50022 ssh2: ED25519 SHA256:abc")),
+        ("app.x", 1764237601, 5, {"msg": "é ü \" \\ ok", "n": 3, "nested": {"a": [1, 2]}}),
+    ]
+    folder = tmp_path / "replay-spool" / "unspooled"
+    folder.mkdir(parents=True)
+    # out_file's default format: "%s: [%PRIu64.%09lu, %s]\n" with Fluent Bit's compact JSON
+    (folder / "20261127T100000.replay").write_text("".join(
+        f"{tag}: [{sec}.{nsec:09d}, {json.dumps(rec, ensure_ascii=False, separators=(',', ':'))}]\n"
+        for tag, sec, nsec, rec in records), encoding="utf-8")
+    (folder / "records.log").write_text("not: [to be sent]\n")  # still being written: left alone
+
+    server = socket.create_server(("127.0.0.1", 0))
+    received = bytearray()
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        env = {**os.environ, "FORWARD": "127.0.0.1:%d" % server.getsockname()[1],
+               "CLOUDTRAIL_SPOOL_DIR": str(folder.parent)}
+        done = subprocess.run([sys.executable, "-c", documented_replay_script()], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "20261127T100000.replay: 2 records sent\n"
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    finally:
+        server.close()
+
+    sent = list(msgpack.Unpacker(io.BytesIO(bytes(received)), raw=False))
+    assert len(sent) == 2
+    for (tag, sec, nsec, rec), (s_tag, s_time, s_rec) in zip(records, sent):
+        assert s_tag == tag and s_rec == rec
+        assert s_time.code == 0 and struct.unpack(">II", s_time.data) == (sec, nsec)
+
+    compiled = compile_files([FB.parent / "mappings"], defaults={"recipientAccountId": ACCOUNT})
+    path = tmp_path / "compiled.lua"
+    path.write_text(compiled.lua_text())
+    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=str(path))
+    for s_tag, s_time, s_rec in sent:
+        sec, nsec = struct.unpack(">II", s_time.data)
+        assert f.call(s_tag, sec + nsec / 1e9, s_rec)[0] == -1
+    f.seal()
+    events = [e["eventData"] for e in read_folder(spool, "ready", ".seg")]
+    assert [e["eventName"] for e in events] == ["AcceptedLogin", "app.x"]
