@@ -8,6 +8,8 @@
 --     record is returned unchanged (code 0, never dropped) with a log line, and creation is
 --     retried on the next tick;
 --   * every call runs under pcall; an unexpected error keeps the record (code 0).
+-- A record kept with code 0 goes on to the configs' `unspooled` file output (<spool>/unspooled,
+-- docs/fluent-bit.md), so it is kept somewhere replayable rather than dropped by Fluent Bit.
 -- Configuration comes from the environment (see lua/cloudtrail/filter.lua).
 
 local function script_dir()
