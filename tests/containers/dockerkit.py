@@ -110,7 +110,7 @@ class Wheelhouse:
         for args in (["wheel", "--find-links", str(self.folder), "-w", str(self.folder),
                       str(REPO / "sink")],
                      ["download", "--find-links", str(self.folder), "-d", str(self.folder),
-                      "setuptools>=68", "wheel"]):
+                      "setuptools>=77", "wheel"]):
             proc = subprocess.run(pip + args, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"pip {args[0]} failed:\n{proc.stdout}{proc.stderr}"[-4000:])
