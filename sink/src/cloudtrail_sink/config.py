@@ -12,7 +12,12 @@ import dataclasses
 import os
 import re
 
-ARN_RE = re.compile(r"\Aarn:(aws[a-zA-Z-]*):cloudtrail:([a-z0-9-]+):(\d{12}):channel/[A-Za-z0-9._/-]+\Z")
+# As the service (and the emulator) checks it: a channel id that is not a UUID is refused with
+# InvalidChannelARN on every call, which would pause delivery forever; refused at start instead.
+ARN_RE = re.compile(r"\Aarn:(aws(?:-[a-z]+)*):cloudtrail:([a-z]{2}(?:-[a-z]+)+-\d):(\d{12}):channel/"
+                    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+ARN_FORM = ("arn:aws:cloudtrail:REGION:ACCOUNT:channel/UUID, e.g. arn:aws:cloudtrail:us-east-1:"
+            "123456789012:channel/0b9a1c0e-5d33-4a5f-9f55-3c7a1a2b3c4d")
 EXTERNAL_ID_RE = re.compile(r"\A[\w+=,.@:/-]{2,1224}\Z")
 ROLE_ARN_RE = re.compile(r"\Aarn:aws[a-zA-Z-]*:iam::\d{12}:role/.+\Z")
 
@@ -36,7 +41,7 @@ class SinkConfig:
     channel_arn: str | None = opt(None, "--channel-arn",
                                   ("CLOUDTRAIL_CHANNEL_ARN", "AWS_CLOUDTRAIL_DATA_CHANNELARN"),
                                   "ARN of the CloudTrail Lake channel "
-                                  "(arn:aws:cloudtrail:REGION:ACCOUNT:channel/ID)")
+                                  "(arn:aws:cloudtrail:REGION:ACCOUNT:channel/UUID)")
     external_id: str | None = opt(None, "--external-id", ("CLOUDTRAIL_EXTERNAL_ID",),
                                   "externalId sent with PutAuditEvents, when the channel's "
                                   "resource policy requires one")
@@ -102,6 +107,10 @@ class SinkConfig:
                         action="store_true")
     drain: bool = opt(False, "--drain", ("CLOUDTRAIL_SINK_DRAIN",),
                       "exit 0 once ready/ is empty and nothing is in flight", action="store_true")
+    drain_timeout: float = opt(0.0, "--drain-timeout", ("CLOUDTRAIL_SINK_DRAIN_TIMEOUT",),
+                               "with --drain (or --dry-run): give up after this many seconds "
+                               "when not drained yet (delivery paused, endless retries) and exit "
+                               "4; unsettled segments stay (0: wait without limit)", type=float)
     log_level: str = opt("info", "--log-level", ("CLOUDTRAIL_SINK_LOG_LEVEL",),
                          "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
     log_format: str = opt("json", "--log-format", ("CLOUDTRAIL_SINK_LOG_FORMAT",),
@@ -135,7 +144,7 @@ class SinkConfig:
                 raise ConfigError("--channel-arn (CLOUDTRAIL_CHANNEL_ARN) is required")
             if not ARN_RE.match(self.channel_arn):
                 raise ConfigError(f"--channel-arn {self.channel_arn!r} is not a CloudTrail channel "
-                                  "ARN (arn:aws:cloudtrail:REGION:ACCOUNT:channel/ID)")
+                                  f"ARN; expected {ARN_FORM}")
         if self.external_id is not None and not EXTERNAL_ID_RE.match(self.external_id):
             raise ConfigError("--external-id must be 2-1224 characters of [A-Za-z0-9_+=,.@:/-]")
         if self.role_arn and not ROLE_ARN_RE.match(self.role_arn):
@@ -151,9 +160,11 @@ class SinkConfig:
         if self.max_attempts < 1:
             raise ConfigError("--max-attempts must be at least 1")
         for name in ("poll_seconds", "rescan_seconds", "grace_seconds", "max_backoff_seconds",
-                     "max_pause_seconds", "stuck_seconds"):
+                     "max_pause_seconds", "stuck_seconds", "stale_tmp_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout must not be negative (0: wait without limit)")
         if self.listen:
             parse_listen(self.listen)
         return self

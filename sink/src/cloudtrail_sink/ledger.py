@@ -88,6 +88,18 @@ class Ledger:
         if complete:
             self.on_complete(seg)
 
+    def forget(self, seg: Segment, unsettled: int) -> None:
+        """The read of ``seg`` failed: ``unsettled`` of its added events will never be
+        finalized (they are read again later), so they leave ``pending``; the segment is never
+        completed through this object (events already handed on still finalize into it)."""
+        with self._cond:
+            unsettled = min(unsettled, seg.outstanding)
+            seg.outstanding -= unsettled
+            self.pending -= unsettled
+            seg.done = True
+            self.open_segments.pop(seg.name, None)
+            self._cond.notify_all()
+
     def abandon(self, seg: Segment) -> None:
         """Forget a segment without completing it (shutdown mid-read): its file stays."""
         with self._cond:

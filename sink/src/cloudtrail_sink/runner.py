@@ -18,7 +18,15 @@ Guarantees (the product's promise):
 - Shutdown (SIGTERM/SIGINT or :meth:`request_stop`): stop reading, let in-flight requests finish
   within ``grace_seconds``, settle their results, exit 0. Unsettled segments stay for next time.
 - ``sink.lock`` (flock) keeps a second sink off the same spool: :class:`LockHeld` names the
-  holder's pid. ``--dry-run`` takes no lock and changes nothing on disk.
+  holder's pid. ``--dry-run`` takes no lock and changes nothing on disk (no folder created, no
+  stale tmp/ file published, nothing deleted). Without ``--channel-arn`` it cannot know the
+  channel's account: events lacking ``recipientAccountId`` are checked and shown with
+  :data:`DRY_RUN_ACCOUNT` in it (the real run fills in the channel's account).
+- A segment whose read fails unexpectedly, or whose deletion fails after it was settled, is
+  logged, counted (``segment_errors_total{stage}``) and released: a scan offers it again after
+  :data:`RETRY_FAILED_SEGMENT_SECONDS` (a delivered one is then only deleted, not re-sent).
+  Nothing is deleted early. A drain that ends with such segments left returns
+  :data:`EXIT_INCOMPLETE`, as does a drain not done within ``drain_timeout``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ log = logging.getLogger("cloudtrail_sink.runner")
 
 REJECTED_FLUSH = 500
 HAND_ON_EVERY = 50
+RETRY_FAILED_SEGMENT_SECONDS = 30.0
+EXIT_INCOMPLETE = 4
+DRY_RUN_ACCOUNT = "000000000000"
 
 
 class LockHeld(RuntimeError):
@@ -110,8 +121,13 @@ class Runner:
         self.clock = clock
         self.monotonic = monotonic
         self.rand = rand or random.Random()
-        self.layout = spool.ensure_layout(cfg.spool_dir)
+        # A dry run creates nothing, not even the spool's folders.
+        self.layout = (spool.layout if cfg.dry_run else spool.ensure_layout)(cfg.spool_dir)
         self.metrics = Metrics()
+        from prometheus_client import Counter
+        self.segment_errors = Counter(
+            "cloudtrail_sink_segment_errors", "Segments whose read or deletion failed (retried)",
+            ["stage"], registry=self.metrics.registry)
         self.queue = SegmentQueue(self.layout, on_ignored=self._on_ignored,
                                   stale_tmp_seconds=cfg.stale_tmp_seconds, clock=clock)
         self.watcher = Watcher(self.queue, poll=cfg.poll, poll_seconds=cfg.poll_seconds,
@@ -123,20 +139,29 @@ class Runner:
         self.jitter = FullJitter(base=0.1, cap=cfg.max_backoff_seconds, rand=self.rand)
         self.pause = Pause(base=1.0, cap=cfg.max_pause_seconds, clock=monotonic, rand=self.rand)
         self.account_id = cfg.account_id
+        self._own_client = None  # a boto3 client made here is closed on stop()
         if sender is not None:
             self.sender = sender
         elif cfg.dry_run:
             self.sender = DryRunSender(cfg.channel_arn, cfg.external_id, out or sys.stdout)
         else:
-            self.sender = Sender(client or make_client(
-                cfg.effective_region, cfg.endpoint_url, cfg.role_arn, cfg.retry_mode,
-                cfg.max_attempts, cfg.max_in_flight), cfg.channel_arn, cfg.external_id)
+            if client is None:
+                client = self._own_client = make_client(
+                    cfg.effective_region, cfg.endpoint_url, cfg.role_arn, cfg.retry_mode,
+                    cfg.max_attempts, cfg.max_in_flight)
+            self.sender = Sender(client, cfg.channel_arn, cfg.external_id)
         self.metrics.bind_backlog(
             segments=lambda: self.queue.known(), size=lambda: self.queue.bytes,
             age=self._oldest_age, pending=lambda: self.ledger.pending,
             paused=lambda: 1 if self.pause.paused else 0)
         self._stop = threading.Event()
         self._reading: str | None = None
+        self._read_state: tuple[Segment, list] | None = None  # the segment being read
+        self._undeleted: dict[str, str] = {}  # settled segments whose deletion failed
+        # Held around each segment deletion; stop() sets _no_deletes under it before it lets
+        # the spool lock go, so a sender thread outliving the grace period deletes nothing.
+        self._delete_lock = threading.Lock()
+        self._no_deletes = False
         self._threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
         self.http = None
@@ -161,7 +186,11 @@ class Runner:
                                       "or an empty value for no HTTP server") from None
                 self.http.start()
             if cfg.dry_run:
-                self.queue.scan()
+                if self.account_id is None:
+                    log.warning("dry run without --channel-arn: events without "
+                                "recipientAccountId are checked and shown with "
+                                f"{DRY_RUN_ACCOUNT}; the real run fills in the channel's account")
+                self.queue.scan(publish_stale=False)
             else:
                 self.watcher.start()
             self._spawn(self._reader, "sink-reader")
@@ -196,12 +225,31 @@ class Runner:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 installed.append((sig, signal.signal(sig, self._on_signal)))
+        rc = 0
         try:
             self.start()
             drain = self.cfg.drain or self.cfg.dry_run
+            deadline = (self.monotonic() + self.cfg.drain_timeout
+                        if drain and self.cfg.drain_timeout > 0 else None)
             while not self._stop.is_set():
                 if drain and self.drained():
-                    log.info("drained: nothing left to deliver")
+                    held = self.queue.held()
+                    if held:
+                        log.error("drain ended with segments that could not be read or deleted; "
+                                  "they stay in ready/", extra={"segments": held[:20],
+                                                                "count": len(held)})
+                        rc = EXIT_INCOMPLETE
+                    else:
+                        log.info("drained: nothing left to deliver")
+                    break
+                if deadline is not None and self.monotonic() >= deadline:
+                    log.error("drain timeout: not drained in time; unsettled segments stay in "
+                              "ready/", extra={
+                                  "drain_timeout_seconds": self.cfg.drain_timeout,
+                                  "paused": self.pause.paused, "pause_reason": self.pause.reason,
+                                  "pending_events": self.ledger.pending,
+                                  "backlog_segments": self.queue.known()})
+                    rc = EXIT_INCOMPLETE
                     break
                 if drain and self._reading is None and self.queue.waiting() == 0:
                     self.batcher.flush()  # the last partial batch need not wait for the linger
@@ -210,7 +258,7 @@ class Runner:
             self.stop()
             for sig, previous in installed:
                 signal.signal(sig, previous)
-        return 0
+        return rc
 
     def drained(self) -> bool:
         def empty() -> bool:
@@ -238,6 +286,14 @@ class Runner:
         if self.http is not None:
             self.http.stop()
             self.http = None
+        with self._delete_lock:
+            self._no_deletes = True
+        if self._own_client is not None:
+            try:
+                self._own_client.close()
+            except Exception:  # closing must not turn a clean stop into a crash
+                log.debug("closing the client failed", exc_info=True)
+            self._own_client = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -286,13 +342,29 @@ class Runner:
             try:
                 self._read_segment(name)
             except Exception:
-                log.exception("reading a segment failed; it stays in ready/",
-                              extra={"segment": name})
+                self._read_failed(name)
             finally:
                 self._reading = None
+                self._read_state = None
+
+    def _read_failed(self, name: str) -> None:
+        """Release what the failed read held (so nothing leaks and --drain ends) and let a
+        later scan retry the segment; events already handed on settle normally, and the file
+        is not deleted by them (the segment was never read to its end)."""
+        state, self._read_state = self._read_state, None
+        if state is not None and state[0].name == name:
+            seg, rejected = state
+            self.ledger.forget(seg, len(rejected))
+        self.queue.release(name, RETRY_FAILED_SEGMENT_SECONDS)
+        self.segment_errors.labels("read").inc()
+        log.exception("reading a segment failed; it stays in ready/ and is read again later",
+                      extra={"segment": name, "retry_in_seconds": RETRY_FAILED_SEGMENT_SECONDS})
 
     def _read_segment(self, name: str) -> None:
         path = os.path.join(self.layout.ready, name)
+        if name in self._undeleted:  # settled before: only its deletion is left to do
+            self._segment_complete(Segment(name, self._undeleted.pop(name)))
+            return
         try:
             f = spool.open_segment(path)
         except FileNotFoundError:
@@ -309,6 +381,7 @@ class Runner:
             return
         seg = self.ledger.open(name, path)
         rejected: list[tuple[str, str, str, Any, Any, Any]] = []
+        self._read_state = (seg, rejected)
         ready: list[Item] = []
         records = 0
         limit = self.cfg.pending_limit
@@ -333,6 +406,11 @@ class Runner:
                 records += 1
                 if ledger.pending + len(ready) >= limit or len(ready) >= HAND_ON_EVERY:
                     hand_on()
+                    if ledger.pending >= limit and rejected:
+                        # Refused events count as pending and only this thread settles them:
+                        # write them out before waiting for room nobody else could make.
+                        self._reject(seg, rejected)
+                        rejected.clear()
                     if ledger.pending >= limit and not ledger.wait_for_room(
                             limit, self._stop.is_set):
                         ledger.abandon(seg)
@@ -341,6 +419,8 @@ class Runner:
                         ledger.abandon(seg)
                         return
                 built = build(record, account, max_bytes)
+                if built.__class__ is not Prepared and account is None:
+                    built = self._build_for_unknown_account(record, built, max_bytes)
                 if record.__class__ is dict:
                     tag, when = record.get("tag"), record.get("time")
                 else:
@@ -352,12 +432,23 @@ class Runner:
                     rejected.append((built.id, built.code, built.message, built.event_data, tag, when))
                     if len(rejected) >= REJECTED_FLUSH:
                         self._reject(seg, rejected)
-                        rejected = []
+                        rejected.clear()
             else:
                 hand_on()
         if rejected:
             self._reject(seg, rejected)
+            rejected.clear()
         self.ledger.read_done(seg)
+
+    @staticmethod
+    def _build_for_unknown_account(record: Any, built: Any, max_bytes: int) -> Any:
+        """Dry run without a channel: the missing recipientAccountId the real run would fill
+        in is not a problem; check the rest of the event with :data:`DRY_RUN_ACCOUNT`."""
+        data = record.get("eventData") if record.__class__ is dict else None
+        if data.__class__ is not dict or "recipientAccountId" in data:
+            return built
+        return events.build({**record, "eventData": {**data, "recipientAccountId": DRY_RUN_ACCOUNT}},
+                            None, max_bytes)
 
     def _reject(self, seg: Segment, rejected: list) -> None:
         """Dead-letter events the pre-send check refused (no API call spent on them)."""
@@ -402,12 +493,21 @@ class Runner:
     def _segment_complete(self, seg: Segment) -> None:
         if not self.cfg.dry_run:
             try:
-                os.unlink(seg.path)
+                with self._delete_lock:
+                    if self._no_deletes:
+                        return  # stopped: the next sink on this spool settles it again
+                    os.unlink(seg.path)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.error("cannot delete a delivered segment", extra={
-                    "segment": seg.name, "error": exc.strerror})
+                # Settled, but still on disk: a later scan hands it out again and only the
+                # deletion is retried (a restart would re-send it: at least once).
+                self._undeleted[seg.name] = seg.path
+                self.queue.release(seg.name, RETRY_FAILED_SEGMENT_SECONDS)
+                self.segment_errors.labels("delete").inc()
+                log.error("cannot delete a delivered segment; will try again", extra={
+                    "segment": seg.name, "error": exc.strerror,
+                    "retry_in_seconds": RETRY_FAILED_SEGMENT_SECONDS})
                 return
             self.metrics.deleted.inc()
             log.debug("segment delivered and deleted", extra={"segment": seg.name,
