@@ -2,7 +2,8 @@
 
 Every flag comes from :class:`cloudtrail_sink.config.SinkConfig` (flag > environment variable >
 default). Exit codes: 0 clean stop or drained, 2 usage or configuration error, 3 the spool's lock
-is held by another sink.
+is held by another sink, 4 a drain that did not finish (``--drain-timeout`` passed, or segments
+left that could not be read or deleted).
 """
 
 from __future__ import annotations
