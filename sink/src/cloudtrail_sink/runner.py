@@ -67,6 +67,21 @@ class LockHeld(RuntimeError):
     pass
 
 
+def unsettled(batch: list[Item], settled: set) -> list[Item]:
+    """The items of ``batch`` to retry after an unexpected error: every event (an item or one
+    of its aliases) not in ``settled``, regrouped under its first unsettled copy."""
+    out = []
+    for it in batch:
+        units = [x for x in it.all() if x not in settled]
+        if not units:
+            continue
+        head = units[0]
+        if head is not it or len(units) != len(it.all()):
+            head.aliases = units[1:] or None
+        out.append(head)
+    return out
+
+
 def acquire_lock(lay: spool.Layout) -> int:
     fd = os.open(lay.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
     try:
@@ -530,20 +545,28 @@ class Runner:
                 return
             if not self._wait_pause():
                 return
+            settled: set[Item] = set()
             try:
-                self._send(batch)
+                self._send(batch, settled)
             except Exception:
-                log.exception("unexpected error handling a request; its events will be re-sent")
-                self.batcher.retry(batch, self.jitter.delay(3))
+                rest = unsettled(batch, settled)
+                log.exception("unexpected error handling a request; its unsettled events will be "
+                              "re-sent", extra={"events": len(batch), "unsettled": len(rest)})
+                if rest:
+                    self.batcher.retry(rest, self.jitter.delay(3))
 
-    def _send(self, batch: list[Item]) -> None:
+    def _send(self, batch: list[Item], settled: set) -> None:
+        """Send one batch and settle each of its events (and aliases) exactly once: finalized
+        (accepted or dead-lettered) or handed back to the batcher. Each is added to ``settled``
+        just before that happens, so after an unexpected exception only the others are retried
+        (a second finalization could complete a segment early)."""
         entries = [it.p.entry() for it in batch]
         started = self.monotonic()
         try:
             result = self.sender.send(entries)
         except RequestFailed as exc:
             self.metrics.latency.observe(self.monotonic() - started)
-            self._request_failed(batch, exc)
+            self._request_failed(batch, exc, settled)
             return
         self.metrics.latency.observe(self.monotonic() - started)
         self.metrics.batch.observe(len(batch))
@@ -562,25 +585,35 @@ class Runner:
             if problem is None and it.p.id in successful:
                 if it.aliases:
                     for x in it.aliases:
-                        delivered[x.seg] = delivered.get(x.seg, 0) + 1
+                        units = delivered.get(x.seg)
+                        if units is None:
+                            delivered[x.seg] = [x]
+                        else:
+                            units.append(x)
                     n_delivered += len(it.aliases)
-                delivered[it.seg] = delivered.get(it.seg, 0) + 1
+                units = delivered.get(it.seg)
+                if units is None:
+                    delivered[it.seg] = [it]
+                else:
+                    units.append(it)
                 n_delivered += 1
             elif problem is None or problem[0] in RETRYABLE_EVENT_CODES:
                 code = problem[0] if problem else "NotAcknowledged"
                 it.attempts += 1
                 self.metrics.retried.labels(code).inc()
+                settled.update(it.all())
                 self.batcher.retry([it], self.jitter.delay(it.attempts - 1))
             else:
                 dead.append((it, problem[0], problem[1]))
         if dead:
-            self._dead_letter(dead)
-        for seg, n in delivered.items():
-            self.ledger.finalize(seg, n)
+            self._dead_letter(dead, settled)
+        for seg, units in delivered.items():
+            settled.update(units)
+            self.ledger.finalize(seg, len(units))
         if n_delivered:
             self.metrics.delivered.inc(n_delivered)
 
-    def _dead_letter(self, dead: list[tuple[Item, str, str]]) -> None:
+    def _dead_letter(self, dead: list[tuple[Item, str, str]], settled: set) -> None:
         now = self.clock()
         lines = []
         for it, code, msg in dead:
@@ -595,6 +628,7 @@ class Runner:
                       extra={"error": exc.strerror})
             for it, _, _ in dead:
                 it.attempts += 1
+                settled.update(it.all())
                 self.batcher.retry([it], self.jitter.delay(it.attempts))
             return
         counts = collections.Counter(line["errorCode"] for line in lines)
@@ -602,14 +636,15 @@ class Runner:
             self.metrics.failed.labels(code).inc(n)
         log.warning("events rejected by the service went to failed/", extra={
             "file": path and os.path.basename(path), "codes": dict(counts)})
-        per_seg: collections.Counter = collections.Counter()
+        per_seg: dict = {}
         for it, _, _ in dead:
             for x in it.all():
-                per_seg[x.seg] += 1
-        for seg, n in per_seg.items():
-            self.ledger.finalize(seg, n)
+                per_seg.setdefault(x.seg, []).append(x)
+        for seg, units in per_seg.items():
+            settled.update(units)
+            self.ledger.finalize(seg, len(units))
 
-    def _request_failed(self, batch: list[Item], exc: RequestFailed) -> None:
+    def _request_failed(self, batch: list[Item], exc: RequestFailed, settled: set) -> None:
         self.metrics.requests.labels(exc.kind).inc()
         if exc.kind == "retry":
             attempt = max(it.attempts for it in batch)
@@ -620,18 +655,22 @@ class Runner:
                     "request failed; retrying", extra={"code": exc.code, "status": exc.status,
                                                        "events": len(batch), "attempt": attempt + 1,
                                                        "retry_in_seconds": round(delay, 3)})
+            settled.update(batch)
             self.batcher.retry(batch, delay)
         elif exc.kind == "split" and len(batch) > 1:
             half = len(batch) // 2
             log.warning("request refused as invalid; splitting it to find the event at fault",
                         extra={"code": exc.code, "events": len(batch)})
+            settled.update(batch[:half])
             self.batcher.requeue_batch(batch[:half])
+            settled.update(batch[half:])
             self.batcher.requeue_batch(batch[half:])
         elif exc.kind == "split":
-            self._dead_letter([(batch[0], exc.code, exc.message)])
+            self._dead_letter([(batch[0], exc.code, exc.message)], settled)
         else:
             length = self.pause.fail(f"{exc.code}: {exc.message}")
             if length is None:  # a pause is already running: wait for it with the others
+                settled.update(batch)
                 self.batcher.retry(batch, self.pause.remaining())
                 return
             log.error("DELIVERY PAUSED: the service refused the channel or the credentials; "
@@ -639,4 +678,5 @@ class Runner:
                           "code": exc.code, "status": exc.status, "error": exc.message,
                           "channel": self.cfg.channel_arn, "pause_seconds": round(length, 1),
                           "consecutive_failures": self.pause.failures})
+            settled.update(batch)
             self.batcher.retry(batch, length)
