@@ -8,8 +8,12 @@
 - :func:`build` runs the whole pre-send path for one record: shape check (``MalformedRecord``),
   ``prepare``, ``schema.check_event`` (the same checks as the emulator, so an event that can never
   succeed is dead-lettered before any API call), serialization (:func:`dumps`, orjson), the
-  checksum (equal to ``schema.checksum`` of the text) and the exact number of bytes the entry
-  adds to botocore's serialized request body.
+  checksum (equal to ``schema.checksum`` of the text) and the entry's exact bytes in the request
+  body (:func:`entry_wire`); its size is their length.
+- :func:`request_body` joins prepared entries into the exact request body botocore's rest-json
+  serializer would produce for them (``json.dumps`` of ``{"auditEvents": [...]}``, byte for
+  byte), so the sender hands botocore these bytes instead of having it walk and serialize 100
+  entries again, and the size budget the batcher counts is the length of what is sent.
 """
 
 from __future__ import annotations
@@ -94,6 +98,34 @@ def checksum(raw: bytes) -> str:
     return binascii.b2a_base64(hashlib.sha256(raw).digest(), newline=False).decode()
 
 
+def entry_wire(eid: str, text: str, check: str, raw: bytes | None = None) -> bytes:
+    """The entry's bytes in botocore's request body: ``json.dumps`` of ``entry()``, exactly."""
+    if raw is not None and raw.isascii() and b"\x7f" not in raw:
+        # JSON text holds no raw control characters, so for ASCII text without DEL the only
+        # characters json.dumps escapes are " and \, which orjson escapes the same way.
+        data = orjson.dumps(text)
+    else:
+        data = encode_basestring_ascii(text).encode("ascii")
+    # Ids are [-_A-Za-z0-9] only (event_id guarantees it) and checksums base64: never escaped.
+    return b"".join((b'{"id": "', eid.encode("ascii"), b'", "eventData": ', data,
+                     b', "eventDataChecksum": "', check.encode("ascii"), b'"}'))
+
+
+_BODY_HEAD = b'{"auditEvents": ['
+_BODY_SEP = b", "
+_BODY_TAIL = b"]}"
+
+
+def request_body(entries: list) -> bytes | None:
+    """The request body for these entries (``Prepared.entry()`` results), or None when any of
+    them is a plain dict without its wire bytes (then botocore serializes as usual)."""
+    try:
+        wires = [e.wire for e in entries]
+    except AttributeError:
+        return None
+    return _BODY_HEAD + _BODY_SEP.join(wires) + _BODY_TAIL
+
+
 def entry_size(eid: str, text: str, check: str, raw: bytes | None = None) -> int:
     """Bytes one entry takes in botocore's request body (without the separator)."""
     if raw is not None and raw.isascii():
@@ -128,19 +160,30 @@ def _check(data: dict, raw: bytes, account_id: str | None) -> schema.Problem | N
     return schema.check_event(orjson.loads(raw), account_id)
 
 
+class Entry(dict):
+    """One PutAuditEvents entry: a plain dict to anyone (botocore serializes it as one), which
+    also carries ``wire``, its exact bytes in the request body. Never modify one: a changed
+    entry must be a plain dict, which botocore serializes itself."""
+
+    __slots__ = ("wire",)
+
+
 class Prepared:
-    """A record ready to be sent: its id, wire text, checksum and entry size."""
+    """A record ready to be sent: its id, wire text, checksum, entry bytes and their size."""
 
-    __slots__ = ("id", "text", "checksum", "size")
+    __slots__ = ("id", "text", "checksum", "wire", "size")
 
-    def __init__(self, id: str, text: str, checksum: str, size: int):
+    def __init__(self, id: str, text: str, checksum: str, wire: bytes):
         self.id = id
         self.text = text
         self.checksum = checksum
-        self.size = size
+        self.wire = wire
+        self.size = len(wire)
 
-    def entry(self) -> dict:
-        return {"id": self.id, "eventData": self.text, "eventDataChecksum": self.checksum}
+    def entry(self) -> Entry:
+        e = Entry(id=self.id, eventData=self.text, eventDataChecksum=self.checksum)
+        e.wire = self.wire
+        return e
 
 
 class Rejected:
@@ -178,8 +221,9 @@ def build(record: Any, account_id: str | None, max_entry_bytes: int | None = Non
         return Rejected(eid, problem.code, "sink: " + problem.message, data)
     text = raw.decode("utf-8")
     check = checksum(raw)
-    size = entry_size(eid, text, check, raw)
+    wire = entry_wire(eid, text, check, raw)
+    size = len(wire)
     if max_entry_bytes is not None and request_size([size]) > max_entry_bytes:
         return Rejected(eid, "FieldTooLong", f"sink: event takes {size} bytes on the wire; a "
                         f"request may carry at most {max_entry_bytes}", data)
-    return Prepared(eid, text, check, size)
+    return Prepared(eid, text, check, wire)

@@ -19,6 +19,17 @@
              then dead-letter that one event with the code.
 - Per-event codes: :data:`RETRYABLE_EVENT_CODES` are sent again (only those events); every other
   code is final for that event.
+- Prebuilt request bodies: on the clients :func:`make_client` builds (parameter validation
+  off, see :func:`use_prebuilt_bodies`), when every entry passed to :meth:`Sender.send` comes
+  from ``events.Prepared.entry()``, botocore is handed ``events.request_body(entries)`` -- the very
+  bytes its rest-json serializer would produce, built from each event's bytes serialized once
+  in ``events.build`` -- instead of walking and ``json.dumps``-ing the entries again. Two
+  handlers on the client do it, correlated through botocore's per-call ``context`` dict:
+  ``provide-client-params`` builds the body and leaves ``auditEvents`` out of the parameters
+  botocore serializes (the query string, headers and ``Content-Type`` come out as before);
+  ``before-call`` puts the body into the request dict before the request is created, so
+  ``Content-Length``, SigV4's payload hash and every retry botocore makes use these bytes.
+  Entries that are plain dicts are serialized by botocore as usual.
 """
 
 from __future__ import annotations
@@ -138,7 +149,48 @@ def make_client(region: str | None, endpoint_url: str | None = None, role_arn: s
     kwargs: dict[str, Any] = {"region_name": region, "config": config}
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url
-    return base.client("cloudtrail-data", **kwargs)
+    client = base.client("cloudtrail-data", **kwargs)
+    use_prebuilt_bodies(client)
+    return client
+
+
+_BODY_KEY = "cloudtrail_sink.request_body"
+_EVENT_SUFFIX = "cloudtrail-data.PutAuditEvents"
+
+
+def _lift_body(params, context, **_):
+    """provide-client-params: build the body; botocore serializes the rest of the parameters."""
+    from . import events
+
+    entries = params.get("auditEvents")
+    body = events.request_body(entries) if isinstance(entries, list) else None
+    if body is None:
+        return None
+    context[_BODY_KEY] = body
+    return {k: v for k, v in params.items() if k != "auditEvents"}
+
+
+def _place_body(params, context, **_):
+    """before-call: the request dict's body becomes the prebuilt one, before signing."""
+    body = context.pop(_BODY_KEY, None)
+    if body is not None:
+        params["body"] = body
+
+
+def use_prebuilt_bodies(client) -> bool:
+    """Register the prebuilt-body handlers on ``client`` (once); False, registering nothing,
+    when its parameter validation is on (botocore would refuse parameters without
+    ``auditEvents``). ``client.meta.config`` does not tell (it always says True), the
+    serializer does: validation wraps it."""
+    from botocore.validate import ParamValidationDecorator
+
+    if isinstance(getattr(client, "_serializer", None), ParamValidationDecorator):
+        return False
+    client.meta.events.register(f"provide-client-params.{_EVENT_SUFFIX}", _lift_body,
+                                unique_id="cloudtrail-sink-lift-body")
+    client.meta.events.register(f"before-call.{_EVENT_SUFFIX}", _place_body,
+                                unique_id="cloudtrail-sink-place-body")
+    return True
 
 
 class Sender:
