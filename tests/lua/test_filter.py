@@ -309,3 +309,36 @@ def test_a_clock_stepped_back_does_not_hold_a_segment(lua_filter, spool):
     f.now = START - 3600  # NTP stepped the clock back an hour
     f.tick()
     assert len(names(spool, "ready")) == 1
+
+
+def test_spool_writer_without_flock_in_libc_still_spools(tmp_path):
+    """A libc whose flock/open/close cannot be resolved through the ffi costs only the tmp/ lock:
+    appends and sealing keep working, so no record is pushed past the spool."""
+    import lupa.luajit21 as lupa_jit
+    import msgpack as mp
+
+    from cloudtrail_sink.luaharness import MODULE_DIR
+
+    lua = lupa_jit.LuaRuntime()
+    lua.execute(f"package.path = [==[{MODULE_DIR}]==] .. '/?.lua;' .. package.path")
+    # The real ffi, except that flock is missing from ffi.C, as on a libc without it.
+    lua.execute("""
+      local real = require('ffi')
+      local C = setmetatable({}, {__index = function(_, name)
+        if name == 'flock' then error('missing declaration for symbol flock') end
+        return real.C[name]
+      end})
+      package.loaded.ffi = setmetatable({C = C}, {__index = real})
+    """)
+    new_writer = lua.eval("function(root) return require('cloudtrail.spool').new{"
+                          "root = root, max_age = 3600, writer = 'fb_1_abcdef'} end")
+    append = lua.eval("function(w, data) return w:append_event(data) end")
+    seal_all = lua.eval("function(w) return w:seal_all() end")
+    w = new_writer(str(tmp_path))
+    record = mp.packb({"eventData": {"UID": "u-1"}, "tag": "t", "time": 1.0})
+    assert append(w, record)
+    seal_all(w)
+    [name] = os.listdir(tmp_path / "ready")
+    assert list(mp.Unpacker(open(tmp_path / "ready" / name, "rb"), raw=False)) == [
+        {"eventData": {"UID": "u-1"}, "tag": "t", "time": 1.0}]
+    assert os.listdir(tmp_path / "tmp") == []

@@ -66,11 +66,13 @@ end
 local O_RDONLY_CLOEXEC = 524288 -- O_RDONLY | O_CLOEXEC (02000000) on Linux x86_64/aarch64
 local LOCK_EX_NB = 6           -- LOCK_EX | LOCK_NB
 
--- A descriptor of path holding flock(LOCK_EX), or nil (no ffi, or the lock is unavailable).
-local function lock_file(path)
-  if not ffi_ok then return nil end
-  local ok, fd = pcall(C.open, path, O_RDONLY_CLOEXEC)
-  if not ok or fd < 0 then return nil end
+-- Resolved once: a libc without one of these symbols must cost only the lock, never raise on
+-- every append (which would send records past the spool).
+local lock_ok = ffi_ok and pcall(function() return C.open, C.flock, C.close end)
+
+local function try_lock(path)
+  local fd = C.open(path, O_RDONLY_CLOEXEC)
+  if fd < 0 then return nil end
   if C.flock(fd, LOCK_EX_NB) ~= 0 then
     C.close(fd)
     return nil
@@ -78,8 +80,16 @@ local function lock_file(path)
   return fd
 end
 
+-- A descriptor of path holding flock(LOCK_EX), or nil (no ffi, or the lock is unavailable).
+local function lock_file(path)
+  if not lock_ok then return nil end
+  local ok, fd = pcall(try_lock, path)
+  if not ok then return nil end
+  return fd
+end
+
 local function unlock_file(fd)
-  if fd then pcall(C.close, fd) end
+  if fd and lock_ok then pcall(C.close, fd) end
 end
 
 local function list_dir(path)
