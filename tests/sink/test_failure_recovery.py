@@ -14,7 +14,7 @@ import pytest
 
 from cloudtrail_sink import spool, watcher
 from cloudtrail_sink.config import SinkConfig
-from cloudtrail_sink.runner import EXIT_INCOMPLETE, Runner, acquire_lock
+from cloudtrail_sink.runner import EXIT_INCOMPLETE, Runner, acquire_lock, read_retry_seconds
 from cloudtrail_sink.sender import Result
 
 from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, event, failed_lines, fill, wait_for)
@@ -128,6 +128,34 @@ def test_a_failed_read_is_released_and_read_again_later(tmp_path, monkeypatch):
     assert service.sent() == [f"evt-{i}" for i in range(8)]
     assert sorted(line["id"] for line in failed_lines(spool_dir)) == ["bad-0", "bad-1"]
     assert runner.queue.held() == []
+
+
+def test_a_segment_whose_reads_keep_failing_is_retried_less_and_less_often(tmp_path, monkeypatch):
+    """Each failed read re-sends the events before the failure point: the delay doubles per
+    failure of the same segment (capped), so a bad sector does not bill them forever."""
+    spool_dir = tmp_path / "spool"
+    [name] = fill(spool_dir, [event(i) for i in range(8)])
+    failing_reads(monkeypatch, times=2)
+    clock = WallClock()
+    runner = Runner(config(spool_dir, drain=False, rescan_seconds=3600), sender=Service(),
+                    clock=clock)
+    runner.start()
+    try:
+        wait_for(lambda: segment_errors(runner, "read") == 1)
+        wait_for(lambda: runner.ledger.idle())
+        clock.offset += 31
+        runner.queue.scan()
+        wait_for(lambda: segment_errors(runner, "read") == 2)
+        wait_for(lambda: runner.ledger.idle())
+        clock.offset += 31  # the first delay again: too early now
+        runner.queue.scan()
+        assert runner.queue.known() == 0 and runner.queue.held() == [name]
+        clock.offset += 30  # 61 s after the second failure, past its 60 s delay
+        runner.queue.scan()
+        wait_for(lambda: os.listdir(spool_dir / "ready") == [])
+    finally:
+        runner.stop()
+    assert [read_retry_seconds(n) for n in (1, 2, 3, 20)] == [30.0, 60.0, 120.0, 3600.0]
 
 
 def test_drain_ends_with_exit_4_when_a_segment_cannot_be_read(tmp_path, monkeypatch):

@@ -24,7 +24,9 @@ Guarantees (the product's promise):
   :data:`DRY_RUN_ACCOUNT` in it (the real run fills in the channel's account).
 - A segment whose read fails unexpectedly, or whose deletion fails after it was settled, is
   logged, counted (``segment_errors_total{stage}``) and released: a scan offers it again after
-  :data:`RETRY_FAILED_SEGMENT_SECONDS` (a delivered one is then only deleted, not re-sent).
+  :data:`RETRY_FAILED_SEGMENT_SECONDS` (a delivered one is then only deleted, not re-sent), a
+  delay that doubles with each failed read of the same segment, up to
+  :data:`MAX_RETRY_FAILED_SEGMENT_SECONDS` (each read re-sends what precedes the failure).
   Nothing is deleted early. A drain that ends with such segments left returns
   :data:`EXIT_INCOMPLETE`, as does a drain not done within ``drain_timeout``.
 """
@@ -59,8 +61,17 @@ log = logging.getLogger("cloudtrail_sink.runner")
 REJECTED_FLUSH = 500
 HAND_ON_EVERY = 50
 RETRY_FAILED_SEGMENT_SECONDS = 30.0
+# A read that keeps failing re-sends the events before the failure point each time: back off
+# (doubling per failure of the same segment) so a bad sector does not bill the same events forever.
+MAX_RETRY_FAILED_SEGMENT_SECONDS = 3600.0
 EXIT_INCOMPLETE = 4
 DRY_RUN_ACCOUNT = "000000000000"
+
+
+def read_retry_seconds(failures: int) -> float:
+    """Delay before a segment whose read failed ``failures`` times is offered again."""
+    return min(RETRY_FAILED_SEGMENT_SECONDS * 2.0 ** (failures - 1),
+               MAX_RETRY_FAILED_SEGMENT_SECONDS)
 
 
 class LockHeld(RuntimeError):
@@ -173,6 +184,7 @@ class Runner:
         self._reading: str | None = None
         self._read_state: tuple[Segment, list] | None = None  # the segment being read
         self._undeleted: dict[str, str] = {}  # settled segments whose deletion failed
+        self._read_failures: dict[str, int] = {}  # segment name -> failed reads so far
         # Held around each segment deletion; stop() sets _no_deletes under it before it lets
         # the spool lock go, so a sender thread outliving the grace period deletes nothing.
         self._delete_lock = threading.Lock()
@@ -370,10 +382,13 @@ class Runner:
         if state is not None and state[0].name == name:
             seg, rejected = state
             self.ledger.forget(seg, len(rejected))
-        self.queue.release(name, RETRY_FAILED_SEGMENT_SECONDS)
+        failures = self._read_failures.get(name, 0) + 1
+        self._read_failures[name] = failures
+        retry = read_retry_seconds(failures)
+        self.queue.release(name, retry)
         self.segment_errors.labels("read").inc()
         log.exception("reading a segment failed; it stays in ready/ and is read again later",
-                      extra={"segment": name, "retry_in_seconds": RETRY_FAILED_SEGMENT_SECONDS})
+                      extra={"segment": name, "failures": failures, "retry_in_seconds": retry})
 
     def _read_segment(self, name: str) -> None:
         path = os.path.join(self.layout.ready, name)
@@ -525,6 +540,7 @@ class Runner:
                     "retry_in_seconds": RETRY_FAILED_SEGMENT_SECONDS})
                 return
             self.metrics.deleted.inc()
+            self._read_failures.pop(seg.name, None)
             log.debug("segment delivered and deleted", extra={"segment": seg.name,
                                                               "events": seg.records})
         self.queue.done(seg.name)
