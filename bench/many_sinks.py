@@ -27,34 +27,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-ACCOUNT = "123456789012"
-CHANNEL_ARN = f"arn:aws:cloudtrail:us-east-1:{ACCOUNT}:channel/0b9a1c0e-5d33-4a5f-9f55-3c7a1a2b3c4d"
-
-
-def fake_aws_env(tmp: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update({
-        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
-        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.path.join(tmp, "aws-config-absent"),
-        "AWS_SHARED_CREDENTIALS_FILE": os.path.join(tmp, "aws-credentials-absent"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    })
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# bench/ is on sys.path when this runs as a script.
+from sink_common import ACCOUNT, CHANNEL_ARN, fake_aws_env, free_port
 
 
 def event(uid: str, size: int) -> dict:
