@@ -99,6 +99,7 @@ def test_spool_writer_seals_a_segment_by_age(tmp_path):
     w.write(event(3))  # the old segment is sealed before the append, as the Lua writer does
     assert ready_uids(lay) == ["evt-1", "evt-2"]
     clock.now -= 60  # the clock stepped back: sealed at once, not held until it catches up
+    assert w.seconds_to_seal() == 0.0  # and whoever waits on it (spool write's select) wakes now
     assert w.tick() is not None
     w.close()
     assert sorted(ready_uids(lay)) == ["evt-1", "evt-2", "evt-3"] and len(w.sealed) == 3

@@ -68,6 +68,12 @@ EXIT_INCOMPLETE = 4
 DRY_RUN_ACCOUNT = "000000000000"
 
 
+def every_copy(items: list) -> list:
+    """The items with their aliases (same id and data, from other segments): what is settled
+    when the items are handed back, so none of them is settled twice."""
+    return [x for it in items for x in it.all()]
+
+
 def read_retry_seconds(failures: int) -> float:
     """Delay before a segment whose read failed ``failures`` times is offered again."""
     return min(RETRY_FAILED_SEGMENT_SECONDS * 2.0 ** (failures - 1),
@@ -671,22 +677,22 @@ class Runner:
                     "request failed; retrying", extra={"code": exc.code, "status": exc.status,
                                                        "events": len(batch), "attempt": attempt + 1,
                                                        "retry_in_seconds": round(delay, 3)})
-            settled.update(batch)
+            settled.update(every_copy(batch))
             self.batcher.retry(batch, delay)
         elif exc.kind == "split" and len(batch) > 1:
             half = len(batch) // 2
             log.warning("request refused as invalid; splitting it to find the event at fault",
                         extra={"code": exc.code, "events": len(batch)})
-            settled.update(batch[:half])
+            settled.update(every_copy(batch[:half]))
             self.batcher.requeue_batch(batch[:half])
-            settled.update(batch[half:])
+            settled.update(every_copy(batch[half:]))
             self.batcher.requeue_batch(batch[half:])
         elif exc.kind == "split":
             self._dead_letter([(batch[0], exc.code, exc.message)], settled)
         else:
             length = self.pause.fail(f"{exc.code}: {exc.message}")
             if length is None:  # a pause is already running: wait for it with the others
-                settled.update(batch)
+                settled.update(every_copy(batch))
                 self.batcher.retry(batch, self.pause.remaining())
                 return
             log.error("DELIVERY PAUSED: the service refused the channel or the credentials; "
@@ -694,5 +700,5 @@ class Runner:
                           "code": exc.code, "status": exc.status, "error": exc.message,
                           "channel": self.cfg.channel_arn, "pause_seconds": round(length, 1),
                           "consecutive_failures": self.pause.failures})
-            settled.update(batch)
+            settled.update(every_copy(batch))
             self.batcher.retry(batch, length)

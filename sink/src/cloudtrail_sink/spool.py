@@ -214,7 +214,10 @@ class SpoolWriter:
         """How long until ``tick()`` seals the open segment (None: nothing to seal by age)."""
         if self._file is None or self.max_age is None:
             return None
-        return max(0.0, self.max_age - (self.clock() - self._opened_at))
+        age = self.clock() - self._opened_at
+        if age < 0:
+            return 0.0  # the clock stepped back: tick() seals now, so nobody should wait
+        return max(0.0, self.max_age - age)
 
     def seal(self) -> str | None:
         """Publish the open segment into ``ready/``; returns its path (None when nothing open)."""
