@@ -60,26 +60,9 @@ local MAX_CLEAN_DEPTH = 200
 local TRUNCATION_MARK = "...[truncated]"
 local TAG_CACHE_MAX = 512
 
--- CloudTrail integration-event fields (schema.py): strings with byte limits, and objects.
-local STRING_LIMITS = {
-  version = 256, userAgent = 1024, eventSource = 1024, eventName = 1024, UID = 1024,
-  errorCode = 256, errorMessage = 256, recipientAccountId = 12, eventTime = 20,
-  sourceIPAddress = 45,
-}
-local STRING_FIELDS = { "version", "eventSource", "eventName", "eventTime", "UID", "userAgent",
-  "errorCode", "errorMessage", "sourceIPAddress", "recipientAccountId" }
-local OBJECT_LIMITS = { requestParameters = 100000, responseElements = 100000,
-  additionalEventData = 28000 }
-local OBJECT_FIELDS = { "requestParameters", "responseElements", "additionalEventData" }
-local IDENTITY_LIMITS = { type = 128, principalId = 1024 }
--- The service documents no limit for userIdentity.details, but the whole event must fit one
--- request (the sink's budget: 999,000 bytes by default). With details bounded like
--- requestParameters, an event at every limit at once is about 331 kB of JSON, at most twice
--- that once escaped into the request: it always fits (docs/mappings.md, "Size limits").
-local DETAILS_LIMIT = 100000
-local IDENTITY_FIELDS = { "type", "principalId" }
-local IDENTITY_KEYS = { "userIdentity.type", "userIdentity.principalId" }
-local REQUIRED = { eventSource = true, eventName = true }
+-- The CloudTrail integration-event fields, their byte limits and which have no default come
+-- from the compiled data's `schema` section, which the compiler writes from schema.py (one
+-- source of truth): see schema_from() below.
 
 local M = {}
 M.__index = M
@@ -571,13 +554,72 @@ local function text_over(name, size, limit)
 end
 
 ---------------------------------------------------------------------------------------------
+-- the schema section of the compiled data (written by the compiler from schema.py)
+
+local function string_list(t)
+  if type(t) ~= "table" or #t == 0 then return nil end
+  for i = 1, #t do if type(t[i]) ~= "string" then return nil end end
+  return t
+end
+
+local function limits_for(names, limits)
+  if type(limits) ~= "table" then return nil end
+  for i = 1, #names do
+    local n = limits[names[i]]
+    if type(n) ~= "number" or n < 1 then return nil end
+  end
+  return limits
+end
+
+-- The schema tables build() reads, checked once; nil + reason when a part is missing (a file
+-- compiled by an older `mappings compile`, or not by it at all).
+local function schema_from(s)
+  if type(s) ~= "table" then
+    return nil, "compiled mappings have no schema section: compile them again with "
+      .. "`cloudtrail-sink mappings compile`"
+  end
+  local out = {
+    string_fields = string_list(s.string_fields), object_fields = string_list(s.object_fields),
+    identity_fields = string_list(s.identity_fields), required = {},
+    details_limit = tonumber(s.details_limit),
+  }
+  for _, k in ipairs({ "string_fields", "object_fields", "identity_fields" }) do
+    if not out[k] then return nil, "compiled mappings: schema." .. k .. " is not a list of names" end
+  end
+  out.string_limits = limits_for(out.string_fields, s.string_limits)
+  out.object_limits = limits_for(out.object_fields, s.object_limits)
+  out.identity_limits = limits_for(out.identity_fields, s.identity_limits)
+  for _, k in ipairs({ "string_limits", "object_limits", "identity_limits" }) do
+    if not out[k] then return nil, "compiled mappings: schema." .. k .. " lacks a field's limit" end
+  end
+  if not out.details_limit or out.details_limit < 1 then
+    return nil, "compiled mappings: schema.details_limit is not a positive number"
+  end
+  local required = string_list(s.required)
+  if not required then return nil, "compiled mappings: schema.required is not a list of names" end
+  out.identity_keys, out.identity_paths, out.required_keys = {}, {}, {}
+  for i, name in ipairs(out.identity_fields) do
+    out.identity_keys[i] = name
+    out.identity_paths[i] = "userIdentity." .. name
+  end
+  out.identity_keys[#out.identity_keys + 1] = "details"
+  for _, name in ipairs(required) do
+    out.required[name] = true
+    out.required_keys[#out.required_keys + 1] = name
+  end
+  for _, p in ipairs(out.identity_paths) do out.required_keys[#out.required_keys + 1] = p end
+  return out
+end
+
+---------------------------------------------------------------------------------------------
 -- rules
 
-local function compile_rule(r, i, defaults)
+local function compile_rule(r, i, defaults, schema)
   if type(r) ~= "table" then return nil, "rule " .. i .. " is not a table" end
   local label = format("rule '%s' (%s:%s)", tostring(r.name), tostring(r.file or "?"),
                        tostring(r.line or "?"))
-  local rule = { name = r.name, label = label, truncate = r.oversize ~= "reject", tags = {} }
+  local rule = { name = r.name, label = label, truncate = r.oversize ~= "reject", tags = {},
+                  schema = schema }
   for j, g in ipairs(r.tags or {}) do
     if type(g) ~= "string" then return nil, label .. ": tag glob must be a string" end
     rule.tags[j] = glob_pattern(g)
@@ -597,7 +639,7 @@ local function compile_rule(r, i, defaults)
   local ev = r.event
   if type(ev) ~= "table" then return nil, label .. ": no event" end
   local fields = {}
-  for _, name in ipairs(STRING_FIELDS) do
+  for _, name in ipairs(schema.string_fields) do
     local e = ev[name]
     if e == nil and defaults and defaults[name] ~= nil then e = { k = "lit", v = defaults[name] } end
     if e ~= nil then
@@ -606,7 +648,7 @@ local function compile_rule(r, i, defaults)
       fields[name] = f
     end
   end
-  for _, name in ipairs(OBJECT_FIELDS) do
+  for _, name in ipairs(schema.object_fields) do
     if ev[name] ~= nil then
       local f, ferr = compile_expr(ev[name])
       if not f then return nil, label .. ": " .. name .. ": " .. ferr end
@@ -615,14 +657,14 @@ local function compile_rule(r, i, defaults)
   end
   local ui = ev.userIdentity
   if type(ui) ~= "table" then return nil, label .. ": userIdentity missing" end
-  for _, name in ipairs({ "type", "principalId", "details" }) do
+  for _, name in ipairs(schema.identity_keys) do
     if ui[name] ~= nil then
       local f, ferr = compile_expr(ui[name])
       if not f then return nil, label .. ": userIdentity." .. name .. ": " .. ferr end
       fields["userIdentity." .. name] = f
     end
   end
-  for _, name in ipairs({ "eventSource", "eventName", "userIdentity.type", "userIdentity.principalId" }) do
+  for _, name in ipairs(schema.required_keys) do
     if not fields[name] then return nil, label .. ": " .. name .. " has no expression" end
   end
   -- eventTime is always converted: a plain field reference goes through 'auto'
@@ -650,9 +692,11 @@ function M.new(compiled)
     return nil, "compiled mappings format " .. tostring(compiled.format) .. " is not " .. FORMAT
   end
   if type(compiled.rules) ~= "table" then return nil, "compiled mappings have no rules" end
+  local schema, serr = schema_from(compiled.schema)
+  if not schema then return nil, serr end
   local rules = {}
   for i, r in ipairs(compiled.rules) do
-    local ok, rule, err = pcall(compile_rule, r, i, compiled.defaults)
+    local ok, rule, err = pcall(compile_rule, r, i, compiled.defaults, schema)
     if not ok then return nil, "rule " .. i .. ": " .. tostring(rule) end
     if not rule then return nil, err end
     rules[i] = rule
@@ -693,6 +737,10 @@ local valid_account = nil
 
 local function build(rule, tag, ts, rec, vars)
   local f = rule.fields
+  local S = rule.schema
+  local STRING_FIELDS, STRING_LIMITS, REQUIRED = S.string_fields, S.string_limits, S.required
+  local IDENTITY_FIELDS, IDENTITY_KEYS, IDENTITY_LIMITS = S.identity_fields, S.identity_paths, S.identity_limits
+  local OBJECT_FIELDS, OBJECT_LIMITS, DETAILS_LIMIT = S.object_fields, S.object_limits, S.details_limit
   local ev = setmetatable(new_tab(0, rule.nfields), MAP_MT)  -- final size: no regrowth
   local truncated, bad_ip
   local truncate = rule.truncate
@@ -878,9 +926,6 @@ function M:map(tag, ts, record)
 end
 
 M.FORMAT = FORMAT
-M.STRING_LIMITS = STRING_LIMITS
-M.OBJECT_LIMITS = OBJECT_LIMITS
-M.DETAILS_LIMIT = DETAILS_LIMIT
 M.TRUNCATION_MARK = TRUNCATION_MARK
 M.glob_pattern = glob_pattern
 
