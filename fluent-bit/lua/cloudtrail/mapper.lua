@@ -11,7 +11,12 @@
 --     and capture steps succeed, unless a step says on_failure: reject) builds the event.
 --     Returns the eventData table, or nil + a reason (no rule matched, a required field has no
 --     value, a field is over its limit under oversize: reject, a step failed with
---     on_failure: reject). rule_name names the rule that applied, when one did.
+--     on_failure: reject). rule_name names the rule that applied, when one did. A rule with
+--     `drop` returns nil, "dropped by rule ...: WHY", rule_name, true: the record is meant to
+--     make no event (the 4th value tells it from a rejection).
+--   local lines = m:explain(tag, timestamp, record)
+--     For `mappings test --explain`: one line per rule tried, up to the one that applies, with
+--     the first condition or step that failed and the value it saw.
 --     Never raises for any record shape; the returned table:
 --       * holds only valid UTF-8 strings (invalid bytes become U+FFFD, see cloudtrail.utf8),
 --       * no NaN/inf (they become the strings "NaN", "Infinity", "-Infinity"),
@@ -399,6 +404,23 @@ local function compile_kind(e)
       if not any then return nil end   -- no member present: the object is absent too
       return out
     end
+  elseif k == "rest" then
+    -- {remaining: $x}: the map $x without the keys the rule stores elsewhere (e.skip, found by
+    -- the compiler) and without empty strings, so each field is stored once.
+    local get, err = compile_ref(e.ref or {})
+    if not get then return nil, err end
+    local skip = {}
+    for _, key in ipairs(e.skip or {}) do skip[key] = true end
+    return function(rec, tag, ts, vars)
+      local v = get(rec, tag, ts, vars)
+      if type(v) ~= "table" or is_array(v) then return v end
+      local out, any = setmetatable({}, MAP_MT), false
+      for key, val in pairs(v) do
+        if val ~= "" and not skip[key] then out[key] = val; any = true end
+      end
+      if not any then return nil end
+      return out
+    end
   elseif k == "hash" then
     local fns, err = compile_list(e.list)
     if not fns then return nil, err end
@@ -501,7 +523,7 @@ local function compile_step(s)
     if fmt ~= "json" and fmt ~= "kv" and fmt ~= "json_or_kv" then
       return nil, "unknown decode format '" .. tostring(fmt) .. "'"
     end
-    return { name = name, reject = reject, run = function(rec, tag, ts, vars)
+    return { name = name, reject = reject, get = get, run = function(rec, tag, ts, vars)
       local v, derr = decode_text(get(rec, tag, ts, vars))
       if v == nil then return false, "decode '" .. name .. "': " .. (derr or "failed") end
       vars[name] = v
@@ -512,7 +534,7 @@ local function compile_step(s)
     if type(pat) ~= "string" or type(fields) ~= "table" then return nil, "capture needs pattern and fields" end
     if not pcall(find, "", pat) then return nil, "invalid Lua pattern" end
     local nf = #fields
-    return { name = name, reject = reject, run = function(rec, tag, ts, vars)
+    return { name = name, reject = reject, get = get, run = function(rec, tag, ts, vars)
       local v = get(rec, tag, ts, vars)
       if type(v) ~= "string" then return false, "capture '" .. name .. "': source is not a string" end
       local caps = { find(v, pat) }
@@ -625,6 +647,7 @@ local function compile_rule(r, i, defaults, schema)
     rule.tags[j] = glob_pattern(g)
   end
   if #rule.tags == 0 then return nil, label .. ": no tag glob" end
+  rule.globs, rule.pre_src, rule.post_src = r.tags, r.where or {}, r.after or {}
   local err
   rule.pre, err = compile_conditions(r.where)
   if not rule.pre then return nil, label .. ": " .. err end
@@ -635,6 +658,10 @@ local function compile_rule(r, i, defaults, schema)
     local st, serr = compile_step(s)
     if not st then return nil, label .. ": step " .. j .. ": " .. serr end
     rule.steps[j] = st
+  end
+  if r.drop ~= nil then          -- drop: the records this rule matches make no event
+    rule.drop = tostring(r.drop)
+    return rule
   end
   local ev = r.event
   if type(ev) ~= "table" then return nil, label .. ": no event" end
@@ -888,6 +915,7 @@ local function try_rule(rule, tag, ts, rec)
   for i = 1, #post do
     if not post[i](rec, tag, ts, vars) then return false end
   end
+  if rule.drop then return true, nil, rule.drop, true end
   local ev, why = build(rule, tag, ts, rec, vars or NO_VARS)
   return true, ev, why
 end
@@ -899,9 +927,10 @@ local function map_rules(list, tag, ts, record)
   for i = 1, #list do
     local rule = list[i]
     trying = rule
-    local applied, ev, why = try_rule(rule, tag, ts, record)
+    local applied, ev, why, dropped = try_rule(rule, tag, ts, record)
     if applied then
       if ev then return ev, nil, rule.name end
+      if dropped then return nil, "dropped by " .. rule.label .. ": " .. why, rule.name, true end
       return nil, rule.label .. ": " .. tostring(why), rule.name
     end
   end
@@ -909,20 +938,103 @@ local function map_rules(list, tag, ts, record)
   return nil, "no mapping rule matched tag '" .. sanitize(tag) .. "'"
 end
 
+local function seconds(ts)
+  if type(ts) == "table" then          -- filter_lua's time_as_table form {sec=, nsec=}
+    return (tonumber(ts.sec) or 0) + (tonumber(ts.nsec) or 0) / 1e9
+  end
+  return type(ts) == "number" and ts or 0
+end
+
 function M:map(tag, ts, record)
   if type(tag) ~= "string" then tag = tostring(tag) end
   if type(record) ~= "table" then return nil, "record is not a map" end
-  if type(ts) == "table" then          -- filter_lua's time_as_table form {sec=, nsec=}
-    ts = (tonumber(ts.sec) or 0) + (tonumber(ts.nsec) or 0) / 1e9
-  elseif type(ts) ~= "number" then
-    ts = 0
-  end
-  local ok, ev, reason, name = pcall(map_rules, rules_for(self, tag), tag, ts, record)
-  if ok then return ev, reason, name end
+  ts = seconds(ts)
+  local ok, ev, reason, name, dropped = pcall(map_rules, rules_for(self, tag), tag, ts, record)
+  if ok then return ev, reason, name, dropped end
   local rule = trying
   trying = nil
   if rule then return nil, rule.label .. ": internal error: " .. tostring(ev), rule.name end
   return nil, "internal error: " .. tostring(ev)
+end
+
+---------------------------------------------------------------------------------------------
+-- explain (`cloudtrail-sink mappings test --explain`; never on the record path)
+
+local function shown(v)
+  if v == nil then return "absent" end
+  local t = to_text(v) or tostring(v)
+  if #t > 80 then t = cut_utf8(t, 77) .. "..." end
+  return json_encode(t)
+end
+
+local function shown_list(list)
+  local out = {}
+  for i = 1, #list do out[i] = shown(list[i]) end
+  return concat(out, ", ")
+end
+
+local function why_not(c, v)
+  local op = c.op
+  if op == "exists" then return "must exist, is absent" end
+  if op == "absent" then return "must be absent, is " .. shown(v) end
+  if op == "equals" then return "must equal " .. shown(c.value) .. ", is " .. shown(v) end
+  if op == "one_of" then return "must be one of " .. shown_list(c.values) .. ", is " .. shown(v) end
+  return "must match the pattern " .. shown(c.pattern) .. ", is " .. shown(v)
+end
+
+local function failed_condition(conds, fns, rec, tag, ts, vars)
+  for i = 1, #fns do
+    if not fns[i](rec, tag, ts, vars) then
+      local c = conds[i]
+      local get = compile_ref(c.ref)
+      return "match.fields." .. tostring(c.name or "?") .. ": " .. why_not(c, get(rec, tag, ts, vars or NO_VARS))
+    end
+  end
+end
+
+-- (text, applied): what this rule makes of the record, and why when it does not apply.
+local function explain_rule(rule, tag, ts, rec)
+  local tag_ok = false
+  for _, p in ipairs(rule.tags) do
+    if find(tag, p) then tag_ok = true; break end
+  end
+  if not tag_ok then
+    return "not applied: match.tag: " .. shown(tag) .. " matches none of " .. shown_list(rule.globs), false
+  end
+  local why = failed_condition(rule.pre_src, rule.pre, rec, tag, ts, nil)
+  if why then return "not applied: " .. why, false end
+  local vars = {}
+  for _, st in ipairs(rule.steps) do
+    local ok, step_why = st.run(rec, tag, ts, vars)
+    if not ok then
+      local text = step_why .. " (its input: " .. shown(st.get(rec, tag, ts, vars)) .. ")"
+      if st.reject then return "applied: rejected: " .. text, true end
+      return "not applied: " .. text, false
+    end
+  end
+  why = failed_condition(rule.post_src, rule.post, rec, tag, ts, vars)
+  if why then return "not applied: " .. why, false end
+  if rule.drop then return "applied: dropped: " .. rule.drop, true end
+  local ev, reason = build(rule, tag, ts, rec, vars)
+  if ev then return "applied", true end
+  return "applied: rejected: " .. tostring(reason), true
+end
+
+-- One line per rule tried, in order, up to the one that applies: which rule took the record
+-- and, for each earlier rule, the first thing that did not hold (with the value it saw).
+function M:explain(tag, ts, record)
+  if type(tag) ~= "string" then tag = tostring(tag) end
+  local lines = setmetatable({}, ARRAY_MT)
+  if type(record) ~= "table" then lines[1] = "record is not a map"; return lines end
+  ts = seconds(ts)
+  for _, rule in ipairs(self.rules) do
+    local ok, text, applied = pcall(explain_rule, rule, tag, ts, record)
+    if not ok then text, applied = "applied: internal error: " .. tostring(text), true end
+    lines[#lines + 1] = rule.label .. ": " .. text
+    if applied then return lines end
+  end
+  lines[#lines + 1] = "no mapping rule matched tag " .. shown(tag)
+  return lines
 end
 
 M.FORMAT = FORMAT

@@ -75,6 +75,7 @@ class Example:
     expect: dict | None = None
     expect_rejected: str | None = None
     rule: str | None = None
+    expect_dropped: str | None = None
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Compiled:
     defaults: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     patterns: list[tuple[str, str]] = field(default_factory=list)  # (where, pattern)
+    disabled: list[str] = field(default_factory=list)  # names of rules with enabled: false
 
     def data(self) -> dict:
         out: dict[str, Any] = {"format": FORMAT, "schema": schema_data(), "rules": self.rules}
@@ -194,8 +196,10 @@ def _compile_file(f: _File, root: Node | None, result: Compiled, rule_names: dic
         else:
             for rn in rules_node.value:
                 rule = _rule(f, rn, rule_names)
-                if rule is not None:
+                if rule is not None and rule.pop("enabled", True):
                     result.rules.append(rule)
+                elif rule is not None:
+                    result.disabled.append(rule["name"])
     if "examples" in top:
         ex_node = top["examples"][1]
         if not isinstance(ex_node, SequenceNode):
@@ -242,12 +246,22 @@ def _suggest(word: str, options: tuple[str, ...]) -> str:
 
 
 def _rule(f: _File, node: Node, rule_names: dict[str, str]) -> dict | None:
-    keys = _keys(f, node, "rule", ("name", "description", "match", "decode", "capture",
-                                   "oversize", "event"),
-                 ("name", "match", "oversize", "event"))
+    keys = _keys(f, node, "rule", ("name", "description", "enabled", "match", "decode",
+                                   "capture", "oversize", "event", "drop"),
+                 ("name", "match"))
     if keys is None:
         return None
     before = len(f.problems)
+    if "drop" in keys:
+        for k in ("event", "oversize"):
+            if k in keys:
+                f.err(keys[k][0], k, "a rule with 'drop:' builds no event: leave out 'event' "
+                      "and 'oversize'")
+    else:
+        for k in ("oversize", "event"):
+            if k not in keys:
+                f.err(node, "rule", f"missing required key '{k}' (or 'drop:' to drop the "
+                      "records the rule matches)")
     rule: dict[str, Any] = {"file": f.name, "line": line(node)}
     name = None
     if "name" in keys:
@@ -276,6 +290,14 @@ def _rule(f: _File, node: Node, rule_names: dict[str, str]) -> dict | None:
         rule["oversize"] = policy
     if "event" in keys:
         rule["event"] = _event(f, keys["event"][1], step_names)
+    if "drop" in keys:
+        why = _scalar(f, keys["drop"][1], "drop", (str,), "the reason the records are dropped")
+        if why is not None and not why.strip():
+            f.err(keys["drop"][1], "drop", "say why the records are dropped")
+        rule["drop"] = why
+    if "enabled" in keys:
+        enabled = _scalar(f, keys["enabled"][1], "enabled", (bool,), "true or false")
+        rule["enabled"] = enabled is not False
     return rule if len(f.problems) == before else None
 
 
@@ -411,6 +433,7 @@ def _match(f: _File, node: Node, rule: dict, step_names: set[str]) -> None:
             if cond is None:
                 continue
             cond["ref"] = ref
+            cond["name"] = k  # for `mappings test --explain`
             (post if ref.get("src", "record") != "record" else pre).append(cond)
         if pre:
             rule["where"] = pre
@@ -529,6 +552,10 @@ def _expr(f: _File, node: Node, where: str, step_names: set[str]) -> dict | None
         if any(i is None for i in items):
             return None
         out = {"k": kind, "list": items}
+    elif kind == "remaining":
+        text = _scalar(f, vn, sub, (str,), "a record accessor like $nv")
+        ref = _accessor(f, vn, text, sub, step_names) if text is not None else None
+        out = {"k": "rest", "ref": ref, "skip": []} if ref is not None else None
     elif kind == "template":
         text = _scalar(f, vn, sub, (str,), "a template string")
         out = _template(f, vn, text, sub, step_names) if text is not None else None
@@ -691,13 +718,47 @@ def _event(f: _File, node: Node, step_names: set[str]) -> dict | None:
         e = _expr(f, vn, name, step_names)
         if e is not None:
             event[name] = e
+    _fill_remaining(event)
     return event
+
+
+def _walk(e: Any, refs: list[dict], rests: list[dict]) -> None:
+    """Collect the record references whose values the event stores (not those only hashed)
+    and the ``remaining`` expressions of an event's expression tree."""
+    if isinstance(e, list):
+        for item in e:
+            _walk(item, refs, rests)
+        return
+    if not isinstance(e, dict):
+        return
+    kind = e.get("k")
+    if kind == "ref":
+        refs.append(e)
+    elif kind == "rest":
+        rests.append(e)
+    elif kind != "hash":
+        for value in e.values():
+            _walk(value, refs, rests)
+
+
+def _fill_remaining(event: dict) -> None:
+    """``{remaining: $x}`` leaves out the keys of ``$x`` that other expressions store."""
+    refs: list[dict] = []
+    rests: list[dict] = []
+    _walk(event, refs, rests)
+    for rest in rests:
+        base = rest["ref"]
+        n = len(base["path"])
+        skip = {r["path"][n] for r in refs
+                if r["src"] == base["src"] and len(r["path"]) > n
+                and r["path"][:n] == base["path"] and isinstance(r["path"][n], str)}
+        rest["skip"] = sorted(skip)
 
 
 def _example(f: _File, node: Node, index: int) -> Example | None:
     where = f"examples[{index}]"
     keys = _keys(f, node, where, ("name", "tag", "time", "record", "expect", "expect_rejected",
-                                  "rule"), ("tag", "record"))
+                                  "expect_dropped", "rule"), ("tag", "record"))
     if keys is None:
         return None
     before = len(f.problems)
@@ -715,10 +776,13 @@ def _example(f: _File, node: Node, index: int) -> Example | None:
             f.err(keys["record"][1], f"{where}.record", "expected a mapping (the record)")
         elif _record_problem(record):
             f.err(keys["record"][1], f"{where}.record", _record_problem(record) or "")
-    expect = rejected = None
-    if ("expect" in keys) == ("expect_rejected" in keys):
-        f.err(node, where, "give exactly one of expect (the eventData) or expect_rejected "
-              "(a part of the reason)")
+    expect = rejected = dropped = None
+    if sum(k in keys for k in ("expect", "expect_rejected", "expect_dropped")) != 1:
+        f.err(node, where, "give exactly one of expect (the eventData), expect_rejected or "
+              "expect_dropped (a part of the reason)")
+    elif "expect_dropped" in keys:
+        dropped = _scalar(f, keys["expect_dropped"][1], f"{where}.expect_dropped", (str,),
+                          "a part of the drop reason")
     elif "expect" in keys:
         expect = f.construct(keys["expect"][1])
         if not isinstance(expect, dict):
@@ -732,4 +796,5 @@ def _example(f: _File, node: Node, index: int) -> Example | None:
     if len(f.problems) != before:
         return None
     return Example(file=f.name, line=line(node), name=name, tag=tag, time=float(ts or 0),
-                   record=record, expect=expect, expect_rejected=rejected, rule=rule)
+                   record=record, expect=expect, expect_rejected=rejected, rule=rule,
+                   expect_dropped=dropped)
