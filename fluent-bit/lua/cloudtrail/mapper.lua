@@ -3,9 +3,10 @@
 --
 -- Contract:
 --   local m, err = mapper.new(compiled)
---     compiled is the table a compiled mapping file returns: { format = 1, rules = {...},
---     defaults = {...}? }. Every rule is turned into closures once, here; bad data gives
---     nil + err (never an error).
+--     compiled is the table a compiled mapping file returns: { format = 1, schema = {...},
+--     rules = {...}, defaults = {...}? }. `schema` holds the event fields and their limits
+--     (written by the compiler from schema.py; this module keeps no copy). Every rule is turned
+--     into closures once, here; bad data gives nil + err (never an error).
 --   local event_data, reason, rule_name = m:map(tag, timestamp, record)
 --     Rules are tried in order; the first whose tag glob and conditions hold (and whose decode
 --     and capture steps succeed, unless a step says on_failure: reject) builds the event.

@@ -9,7 +9,10 @@ Contract:
   ``FILE:LINE: FIELD: MESSAGE`` (``FIELD`` is the dotted place in the rule, e.g. ``eventName``
   or ``match.fields.$ident``).
 * ``Compiled.lua_text()`` is the data-only Lua chunk (see ``luadata``) that
-  ``mapper.new`` accepts: ``return { format = 1, rules = {...}, defaults = {...} }``.
+  ``mapper.new`` accepts: ``return { format = 1, schema = {...}, rules = {...}, defaults = {...} }``;
+  ``schema`` is ``schema_data()``: schema.py's field lists and limits, the only copy the Lua
+  mapper gets. Rules with ``enabled: false`` are validated but left out (``Compiled.disabled``);
+  a rule with ``drop:`` compiles to ``{..., drop = WHY}`` and no event.
 * The mapping language itself is documented in ``docs/mappings.md``; this module is its one
   validator. Lua patterns in ``pattern:`` conditions and captures are syntax-checked with
   LuaJIT itself by the runner (``runner.check_patterns``) since only Lua knows its patterns.
