@@ -75,7 +75,7 @@ def main() -> int:
                 other_total += other_got or 0
         label = pathlib.Path(name).name
         n = events + dropped
-        rows[label] = [n, rec_total, ev_total]
+        rows[label] = [n, rec_total, ev_total, other_total]
         line = (f"{label:<26} {n:>7} {events:>6} {dropped:>7} {rejected:>8} "
                 f"{rec_total / n:>9,.0f} {ev_total / n:>8,.0f} {ev_total / rec_total:>12.2f}")
         if other is not None:
@@ -84,8 +84,12 @@ def main() -> int:
     n = sum(r[0] for r in rows.values())
     rec = sum(r[1] for r in rows.values())
     ev = sum(r[2] for r in rows.values())
-    print(f"{'all':<26} {n:>7} {'':>6} {'':>7} {'':>8} {rec / n:>9,.0f} {ev / n:>8,.0f} "
-          f"{ev / rec:>12.2f}")
+    line = (f"{'all':<26} {n:>7} {'':>6} {'':>7} {'':>8} {rec / n:>9,.0f} {ev / n:>8,.0f} "
+            f"{ev / rec:>12.2f}")
+    if other is not None:
+        compared = sum(r[3] for r in rows.values())
+        line += f" {compared / n:>10,.0f} {compared / rec:>15.2f}"
+    print(line)
     print("B = bytes per record (mean); event bytes include version and recipientAccountId as "
           "the sink sends them; a dropped record counts 0 event bytes")
     return 0
