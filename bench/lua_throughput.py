@@ -20,7 +20,9 @@ Each round runs in a fresh luajit process and the best round is shown: on a shar
 the slowest rounds measure the neighbours, not the filter. ``--compare-with DIR`` (the
 ``fluent-bit/`` folder of another checkout, e.g. ``git worktree add /tmp/old HEAD~3``) runs that
 filter in the same rounds, alternating with this one, so before/after figures come from the
-same machine state.
+same machine state. When that checkout has a ``mappings/`` folder next to its ``fluent-bit/``,
+its filter runs with its own rules (compiled here) on the same records, so a change of the
+shipped rules is measured too.
 
 Usage: python bench/lua_throughput.py [--records 200000] [--pool 2000] [--rounds 5]
                                       [--compare-with OTHER/fluent-bit]
@@ -155,6 +157,12 @@ def main() -> int:
                                  defaults={"recipientAccountId": "123456789012"})
         mappings = work / "mappings.lua"
         mappings.write_text(compiled.lua_text())
+        other_mappings = mappings
+        if args.compare_with is not None and (args.compare_with.parent / "mappings").is_dir():
+            other_mappings = work / "mappings-compared.lua"
+            other_mappings.write_text(compile_files(
+                [args.compare_with.parent / "mappings"],
+                defaults={"recipientAccountId": "123456789012"}).lua_text())
         samples = work / "samples.lua"
         samples.write_text("return {\n" + ",\n".join(
             f"{{ {lua_literal(ex.tag)}, {float(ex.time)!r}, function(A, M) return "
@@ -164,9 +172,9 @@ def main() -> int:
         spool = work / "spool"
         other_spool = work / "spool-compared"
 
-        def one_round(fluent_bit: pathlib.Path, spool_dir: pathlib.Path):
+        def one_round(fluent_bit: pathlib.Path, spool_dir: pathlib.Path, rules=mappings):
             env = dict(os.environ, CLOUDTRAIL_SPOOL_DIR=str(spool_dir),
-                       CLOUDTRAIL_MAPPINGS=str(mappings))
+                       CLOUDTRAIL_MAPPINGS=str(rules))
             proc = subprocess.run(
                 [luajit, str(driver), str(fluent_bit / "cloudtrail.lua"),
                  str(fluent_bit / "lua"), str(args.records), str(args.pool), "1", str(samples)],
@@ -184,7 +192,7 @@ def main() -> int:
                 return 1
             rounds += got
             if args.compare_with is not None:
-                got, _ = one_round(args.compare_with, other_spool)
+                got, _ = one_round(args.compare_with, other_spool, other_mappings)
                 if got is None:
                     return 1
                 other_rounds += got

@@ -342,3 +342,39 @@ def test_spool_writer_without_flock_in_libc_still_spools(tmp_path):
     assert list(mp.Unpacker(open(tmp_path / "ready" / name, "rb"), raw=False)) == [
         {"eventData": {"UID": "u-1"}, "tag": "t", "time": 1.0}]
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_records_a_drop_rule_takes_are_counted_in_the_log_not_rejected(lua_filter, spool,
+                                                                       tmp_path, capfd):
+    from cloudtrail_sink.mappings import compile_files
+    src = tmp_path / "stages.yaml"
+    src.write_text(
+        "rules:\n"
+        "  - name: not-final\n"
+        "    match: {tag: 'kube.*', fields: {$stage: {one_of: [RequestReceived]}}}\n"
+        "    drop: not the final stage\n"
+        "  - name: audit\n"
+        "    match: {tag: 'kube.*'}\n"
+        "    oversize: truncate\n"
+        "    event:\n"
+        "      userIdentity: {type: T, principalId: $user}\n"
+        "      eventSource: k8s.io\n"
+        "      eventName: $verb\n"
+        "      recipientAccountId: '123456789012'\n")
+    rules = tmp_path / "stages.lua"
+    rules.write_text(compile_files([src]).lua_text())
+    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=str(rules))
+    for _ in range(3):
+        assert f.call("kube.audit", START, {"stage": "RequestReceived", "user": "u",
+                                            "verb": "get"}) == (-1, START, None)
+    assert f.call("kube.audit", START, {"stage": "ResponseComplete", "user": "u",
+                                        "verb": "get"})[0] == -1
+    first = capfd.readouterr().err
+    assert first.count("dropped by rule 'not-final'") == 1 and "not the final stage" in first
+    f.now = START + 61  # the same line again after a minute carries the count of repeats
+    f.call("kube.audit", START, {"stage": "RequestReceived", "user": "u", "verb": "get"})
+    assert "(2 more times)" in capfd.readouterr().err  # records 2 and 3 were counted
+    f.seal()
+    [entry] = read_folder(spool, "ready", ".seg")
+    assert entry["eventData"]["eventName"] == "get"
+    assert names(spool, "rejected") == []

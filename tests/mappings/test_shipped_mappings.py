@@ -7,6 +7,7 @@ real line takes.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import shutil
@@ -51,8 +52,9 @@ def test_check_fails_when_a_shipped_rule_breaks(tmp_path, capsys):
     assert main(["mappings", "check", str(work)]) == 1
     out = capsys.readouterr().out
     assert "FAIL mappings" not in out  # paths are the copies
-    broken = [ex for ex in compile_files([SHIPPED]).examples if ex.rule == "neuvector"]
-    assert len(broken) >= 3 and out.count("FAIL") == len(broken) and "eventName" in out
+    broken = [ex for ex in compile_files([SHIPPED]).examples
+              if ex.rule and ex.rule.startswith("neuvector")]
+    assert len(broken) >= 8 and out.count("FAIL") == len(broken) and "eventName" in out
 
 
 def test_neuvector_key_value_line(shipped_mapper):
@@ -65,7 +67,7 @@ def test_neuvector_key_value_line(shipped_mapper):
     assert ev["eventTime"] == "2020-01-24T21:39:25Z"            # reported_at, not syslog time
     assert ev["requestParameters"]["commandLine"] == "curl google.com"
     assert ev["responseElements"]["message"] == "Process profile violation"
-    assert ev["additionalEventData"]["payload"]["client_ip"] == ""
+    assert "client_ip" not in ev["additionalEventData"]             # empty: not stored
     assert "sourceIPAddress" not in ev                         # empty client_ip: no address
     assert schema.check_event(filled(ev), "123456789012") is None
     # no id in a key=value payload: the UID is a hash, stable across runtimes
@@ -107,3 +109,120 @@ def test_unknown_records_keep_everything(shipped_mapper):
     assert res.rule == "catch-all"
     assert res.event["additionalEventData"] == rec
     assert res.event["eventName"] == "app.x"
+
+
+# An audit notification as NeuVector's controller writes it (controller/common/output.go:
+# `notification=audit,` then the Audit struct's fields in order: message comes before user=).
+NV_AUDIT = ("<12>1 2024-10-10T10:41:40.000Z neuvector-controller-pod-85d85c976-vzxqx "
+            "/usr/local/bin/controller 12 neuvector - notification=audit,"
+            "name=Admission.Control.Violation,level=Warning,reported_timestamp=1728556900,"
+            "reported_at=2024-10-10T10:41:40Z,cluster_name=cluster.local,host_id=,host_name=,"
+            "enforcer_id=,enforcer_name=,workload_domain=default,workload_image=nginx:1.25,"
+            "critical_vul_cnt=0,high_vul_cnt=3,medium_vul_cnt=12,message=Creation of Kubernetes "
+            "Pod resource (web-0) violates Admission Control monitor-mode rule(s). Container web "
+            "violates deny rule id 1000 with criteria: (image scanned = false), deny rule id 1001."
+            ",user=kubernetes-admin,aggregation_from=1728556900,count=1")
+
+
+def test_neuvector_audit_user_is_the_kubernetes_identity_not_the_controller(shipped_mapper):
+    rec = parse_5424(NV_AUDIT)
+    res = shipped_mapper.map("syslog.neuvector", 1728556900.5, rec)
+    ev = res.event
+    assert res.rule == "neuvector-audit-user"
+    assert ev["userIdentity"] == {
+        "type": "KubernetesUser", "principalId": "kubernetes-admin",
+        "details": {"authenticatedBy": "kubernetes", "clusterName": "cluster.local",
+                    "namespace": "default"}}
+    assert "controller" not in ev["userIdentity"]["principalId"]
+    # the message keeps its commas and ends where user= starts
+    assert ev["responseElements"]["message"].endswith("deny rule id 1001.")
+    assert ev["eventName"] == "Admission.Control.Violation"
+    assert ev["eventTime"] == "2024-10-10T10:41:40Z"
+    assert schema.check_event(filled(ev), "123456789012") is None
+    # the same record gives the same UID; another record another
+    again = shipped_mapper.map("syslog.neuvector", 1728556900.5, dict(reversed(list(rec.items()))))
+    assert again.event["UID"] == ev["UID"]
+    other = dict(rec, message=rec["message"].replace("count=1", "count=2"))
+    assert shipped_mapper.map("syslog.neuvector", 1728556900.5, other).event["UID"] != ev["UID"]
+
+
+def test_neuvector_audit_user_in_json_payloads_too(shipped_mapper):
+    rec = parse_5424(NV_JSON.replace('{"notification": "incident"', '{"notification": "audit"')
+                     .replace('"proc_name":"nc"', '"user":"system:serviceaccount:ci:deployer"'))
+    res = shipped_mapper.map("syslog.neuvector", 1728556808.0, rec)
+    assert res.rule == "neuvector-audit-user"
+    assert res.event["userIdentity"]["principalId"] == "system:serviceaccount:ci:deployer"
+    assert res.event["userIdentity"]["type"] == "KubernetesUser"
+
+
+def test_sshd_invalid_user_is_the_principal_noted_invalid(shipped_mapper):
+    for message, name in [
+            ("Failed password for invalid user admin from 198.51.100.7 port 40022 ssh2",
+             "FailedLogin"),
+            ("Invalid user admin from 198.51.100.7 port 40022", "InvalidUser"),
+            ("Connection closed by invalid user admin 198.51.100.7 port 40022 [preauth]",
+             "ConnectionClosed"),
+            ("error: maximum authentication attempts exceeded for invalid user admin from "
+             "198.51.100.7 port 40022 ssh2 [preauth]", "MaxAuthTriesExceeded")]:
+        rec = {"pri": "38", "time": "Jan 24 21:40:00", "host": "bastion-1", "ident": "sshd",
+               "pid": "48377", "message": message}
+        ev = shipped_mapper.map("syslog.auth", 1737754800.0, rec).event
+        assert ev["userIdentity"] == {"type": "UnixUser", "principalId": "admin",
+                                      "details": {"userState": "invalid"}}, message
+        assert ev["eventName"] == name
+        assert ev["sourceIPAddress"] == "198.51.100.7"
+        assert ev["eventTime"] == "2025-01-24T21:40:00Z"
+
+
+def _leaves(value, out):
+    if isinstance(value, dict):
+        for v in value.values():
+            _leaves(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _leaves(v, out)
+    elif isinstance(value, str) and len(value) >= 6:
+        out.append(value)
+    return out
+
+
+def test_every_shipped_example_maps_to_the_right_time_a_stable_uid_and_lean_events():
+    """UTC time to the second, a UID stable for the same record, every source field stored at
+    most once (no payload copy next to the fields taken from it), and events about the size of
+    their record at most (CloudTrail Lake bills per byte; field names cost a little)."""
+    compiled = compile_files([SHIPPED])
+    mapper = LuaMapper(compiled.lua_text())
+    checked = 0
+    for ex in compiled.examples:
+        if ex.expect is None:
+            continue
+        res = mapper.map(ex.tag, ex.time, ex.record)
+        ev = res.event
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ev["eventTime"]), ex.name
+        again = mapper.map(ex.tag, ex.time, dict(reversed(list(ex.record.items()))))
+        assert again.event["UID"] == ev["UID"], ex.name
+        if res.rule == "catch-all":
+            continue  # keeps the whole record on purpose
+        counts: dict[str, int] = {}
+        for leaf in _leaves(ev, []):
+            counts[leaf] = counts.get(leaf, 0) + 1
+        source = _leaves(ex.record, [])
+        for text in ex.record.values():  # decoded payloads: the values inside the text
+            if isinstance(text, str) and text.startswith("{"):
+                source += _leaves(json.loads(text), [])
+            elif isinstance(text, str) and "=" in text:
+                source += _leaves(dict(kv.split("=", 1) for kv in text.split(",") if "=" in kv), [])
+        for leaf, n in counts.items():
+            allowed = source.count(leaf)
+            if not allowed:
+                continue  # a literal of the rule, not a source field
+            if res.rule.startswith("kubernetes-audit") and leaf in ex.record.get("sourceIPs", []):
+                allowed += 1  # sourceIPAddress is the first of sourceIPs, kept whole
+            assert n <= allowed, (ex.name, leaf, n)
+        event_bytes = len(schema.dumps(ev).encode())
+        record_bytes = len(schema.dumps(ex.record).encode())
+        # CloudTrail field names and literals cost a fixed few hundred bytes at most; a copy of
+        # the payload (886 -> 1,413 bytes for a NeuVector incident before) would not fit
+        assert event_bytes <= record_bytes + 300, (ex.name, event_bytes, record_bytes)
+        checked += 1
+    assert checked >= 30

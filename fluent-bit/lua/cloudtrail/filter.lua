@@ -22,11 +22,14 @@
 --       {"eventData", "tag", "time"}; a record no rule maps, or whose mapping or encoding fails,
 --       is appended to the rejected file as {"tag", "time", "reason", "record"}. Return -1:
 --       the record has left the pipeline and is in the spool.
+--     * a record a `drop:` rule matches (the rule means it to make no event, e.g. a Kubernetes
+--       audit stage before the final one) is counted in stats.dropped and logged (each rule's
+--       line at most once a minute, with the count of repeats); return -1.
 --     * if the spool cannot be written at all (disk full, read-only, folder gone and not
 --       re-creatable), return 0: the record stays in the pipeline unchanged rather than being
 --       dropped, and a log line says why. That is the only case in which a record passes.
 --   f:seal_all()  seal every open file (clean shutdown).
---   f.stats: counters { events, rejected, kept, ticks }.
+--   f.stats: counters { events, rejected, dropped, kept, ticks }.
 local msgpack = require("cloudtrail.msgpack")
 local spool = require("cloudtrail.spool")
 local clock_mod = require("cloudtrail.clock")
@@ -137,7 +140,7 @@ function M.new(cfg, deps)
     clock = clock,
     log = log,
     tick_tag = cfg.tick_tag or M.DEFAULTS.tick_tag,
-    stats = { events = 0, rejected = 0, kept = 0, ticks = 0 },
+    stats = { events = 0, rejected = 0, dropped = 0, kept = 0, ticks = 0 },
     mapper = nil,
     mapper_error = nil,
   }, Filter)
@@ -252,9 +255,9 @@ end
 function Filter:map(tag, timestamp, record)
   local m = self.mapper
   if m == nil then return nil, self.mapper_error or "no mappings loaded" end
-  local ok, event, reason = pcall(m.map, m, tag, timestamp, record)
+  local ok, event, reason, _, dropped = pcall(m.map, m, tag, timestamp, record)
   if not ok then return nil, "mapping failed: " .. safe_text(event) end
-  if event == nil then return nil, safe_text(reason or "no rule matched") end
+  if event == nil then return nil, safe_text(reason or "no rule matched"), dropped == true end
   if type(event) ~= "table" then return nil, "mapping returned a " .. type(event) .. ", not a table" end
   if type(event.UID) ~= "string" or event.UID == "" then
     return nil, "mapping produced no UID"
@@ -270,7 +273,12 @@ function Filter:process(tag, timestamp, record)
   end
   if type(timestamp) ~= "number" then timestamp = self.clock.now() end
   local time_bytes = float64(timestamp)
-  local event, reason = self:map(tag, timestamp, record)
+  local event, reason, dropped = self:map(tag, timestamp, record)
+  if dropped then
+    self.stats.dropped = self.stats.dropped + 1
+    self.log(reason)   -- rule text only, never record content; repeats are counted
+    return -1, timestamp, record
+  end
   local err
   if event ~= nil then
     local tag_bytes = type(tag) == "string" and encoded_tag(tag)

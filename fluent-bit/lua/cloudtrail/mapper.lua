@@ -3,15 +3,21 @@
 --
 -- Contract:
 --   local m, err = mapper.new(compiled)
---     compiled is the table a compiled mapping file returns: { format = 1, rules = {...},
---     defaults = {...}? }. Every rule is turned into closures once, here; bad data gives
---     nil + err (never an error).
+--     compiled is the table a compiled mapping file returns: { format = 1, schema = {...},
+--     rules = {...}, defaults = {...}? }. `schema` holds the event fields and their limits
+--     (written by the compiler from schema.py; this module keeps no copy). Every rule is turned
+--     into closures once, here; bad data gives nil + err (never an error).
 --   local event_data, reason, rule_name = m:map(tag, timestamp, record)
 --     Rules are tried in order; the first whose tag glob and conditions hold (and whose decode
 --     and capture steps succeed, unless a step says on_failure: reject) builds the event.
 --     Returns the eventData table, or nil + a reason (no rule matched, a required field has no
 --     value, a field is over its limit under oversize: reject, a step failed with
---     on_failure: reject). rule_name names the rule that applied, when one did.
+--     on_failure: reject). rule_name names the rule that applied, when one did. A rule with
+--     `drop` returns nil, "dropped by rule ...: WHY", rule_name, true: the record is meant to
+--     make no event (the 4th value tells it from a rejection).
+--   local lines = m:explain(tag, timestamp, record)
+--     For `mappings test --explain`: one line per rule tried, up to the one that applies, with
+--     the first condition or step that failed and the value it saw.
 --     Never raises for any record shape; the returned table:
 --       * holds only valid UTF-8 strings (invalid bytes become U+FFFD, see cloudtrail.utf8),
 --       * no NaN/inf (they become the strings "NaN", "Infinity", "-Infinity"),
@@ -60,26 +66,9 @@ local MAX_CLEAN_DEPTH = 200
 local TRUNCATION_MARK = "...[truncated]"
 local TAG_CACHE_MAX = 512
 
--- CloudTrail integration-event fields (schema.py): strings with byte limits, and objects.
-local STRING_LIMITS = {
-  version = 256, userAgent = 1024, eventSource = 1024, eventName = 1024, UID = 1024,
-  errorCode = 256, errorMessage = 256, recipientAccountId = 12, eventTime = 20,
-  sourceIPAddress = 45,
-}
-local STRING_FIELDS = { "version", "eventSource", "eventName", "eventTime", "UID", "userAgent",
-  "errorCode", "errorMessage", "sourceIPAddress", "recipientAccountId" }
-local OBJECT_LIMITS = { requestParameters = 100000, responseElements = 100000,
-  additionalEventData = 28000 }
-local OBJECT_FIELDS = { "requestParameters", "responseElements", "additionalEventData" }
-local IDENTITY_LIMITS = { type = 128, principalId = 1024 }
--- The service documents no limit for userIdentity.details, but the whole event must fit one
--- request (the sink's budget: 999,000 bytes by default). With details bounded like
--- requestParameters, an event at every limit at once is about 331 kB of JSON, at most twice
--- that once escaped into the request: it always fits (docs/mappings.md, "Size limits").
-local DETAILS_LIMIT = 100000
-local IDENTITY_FIELDS = { "type", "principalId" }
-local IDENTITY_KEYS = { "userIdentity.type", "userIdentity.principalId" }
-local REQUIRED = { eventSource = true, eventName = true }
+-- The CloudTrail integration-event fields, their byte limits and which have no default come
+-- from the compiled data's `schema` section, which the compiler writes from schema.py (one
+-- source of truth): see schema_from() below.
 
 local M = {}
 M.__index = M
@@ -416,6 +405,23 @@ local function compile_kind(e)
       if not any then return nil end   -- no member present: the object is absent too
       return out
     end
+  elseif k == "rest" then
+    -- {remaining: $x}: the map $x without the keys the rule stores elsewhere (e.skip, found by
+    -- the compiler) and without empty strings, so each field is stored once.
+    local get, err = compile_ref(e.ref or {})
+    if not get then return nil, err end
+    local skip = {}
+    for _, key in ipairs(e.skip or {}) do skip[key] = true end
+    return function(rec, tag, ts, vars)
+      local v = get(rec, tag, ts, vars)
+      if type(v) ~= "table" or is_array(v) then return v end
+      local out, any = setmetatable({}, MAP_MT), false
+      for key, val in pairs(v) do
+        if val ~= "" and not skip[key] then out[key] = val; any = true end
+      end
+      if not any then return nil end
+      return out
+    end
   elseif k == "hash" then
     local fns, err = compile_list(e.list)
     if not fns then return nil, err end
@@ -518,7 +524,7 @@ local function compile_step(s)
     if fmt ~= "json" and fmt ~= "kv" and fmt ~= "json_or_kv" then
       return nil, "unknown decode format '" .. tostring(fmt) .. "'"
     end
-    return { name = name, reject = reject, run = function(rec, tag, ts, vars)
+    return { name = name, reject = reject, get = get, run = function(rec, tag, ts, vars)
       local v, derr = decode_text(get(rec, tag, ts, vars))
       if v == nil then return false, "decode '" .. name .. "': " .. (derr or "failed") end
       vars[name] = v
@@ -529,7 +535,7 @@ local function compile_step(s)
     if type(pat) ~= "string" or type(fields) ~= "table" then return nil, "capture needs pattern and fields" end
     if not pcall(find, "", pat) then return nil, "invalid Lua pattern" end
     local nf = #fields
-    return { name = name, reject = reject, run = function(rec, tag, ts, vars)
+    return { name = name, reject = reject, get = get, run = function(rec, tag, ts, vars)
       local v = get(rec, tag, ts, vars)
       if type(v) ~= "string" then return false, "capture '" .. name .. "': source is not a string" end
       local caps = { find(v, pat) }
@@ -571,18 +577,78 @@ local function text_over(name, size, limit)
 end
 
 ---------------------------------------------------------------------------------------------
+-- the schema section of the compiled data (written by the compiler from schema.py)
+
+local function string_list(t)
+  if type(t) ~= "table" or #t == 0 then return nil end
+  for i = 1, #t do if type(t[i]) ~= "string" then return nil end end
+  return t
+end
+
+local function limits_for(names, limits)
+  if type(limits) ~= "table" then return nil end
+  for i = 1, #names do
+    local n = limits[names[i]]
+    if type(n) ~= "number" or n < 1 then return nil end
+  end
+  return limits
+end
+
+-- The schema tables build() reads, checked once; nil + reason when a part is missing (a file
+-- compiled by an older `mappings compile`, or not by it at all).
+local function schema_from(s)
+  if type(s) ~= "table" then
+    return nil, "compiled mappings have no schema section: compile them again with "
+      .. "`cloudtrail-sink mappings compile`"
+  end
+  local out = {
+    string_fields = string_list(s.string_fields), object_fields = string_list(s.object_fields),
+    identity_fields = string_list(s.identity_fields), required = {},
+    details_limit = tonumber(s.details_limit),
+  }
+  for _, k in ipairs({ "string_fields", "object_fields", "identity_fields" }) do
+    if not out[k] then return nil, "compiled mappings: schema." .. k .. " is not a list of names" end
+  end
+  out.string_limits = limits_for(out.string_fields, s.string_limits)
+  out.object_limits = limits_for(out.object_fields, s.object_limits)
+  out.identity_limits = limits_for(out.identity_fields, s.identity_limits)
+  for _, k in ipairs({ "string_limits", "object_limits", "identity_limits" }) do
+    if not out[k] then return nil, "compiled mappings: schema." .. k .. " lacks a field's limit" end
+  end
+  if not out.details_limit or out.details_limit < 1 then
+    return nil, "compiled mappings: schema.details_limit is not a positive number"
+  end
+  local required = string_list(s.required)
+  if not required then return nil, "compiled mappings: schema.required is not a list of names" end
+  out.identity_keys, out.identity_paths, out.required_keys = {}, {}, {}
+  for i, name in ipairs(out.identity_fields) do
+    out.identity_keys[i] = name
+    out.identity_paths[i] = "userIdentity." .. name
+  end
+  out.identity_keys[#out.identity_keys + 1] = "details"
+  for _, name in ipairs(required) do
+    out.required[name] = true
+    out.required_keys[#out.required_keys + 1] = name
+  end
+  for _, p in ipairs(out.identity_paths) do out.required_keys[#out.required_keys + 1] = p end
+  return out
+end
+
+---------------------------------------------------------------------------------------------
 -- rules
 
-local function compile_rule(r, i, defaults)
+local function compile_rule(r, i, defaults, schema)
   if type(r) ~= "table" then return nil, "rule " .. i .. " is not a table" end
   local label = format("rule '%s' (%s:%s)", tostring(r.name), tostring(r.file or "?"),
                        tostring(r.line or "?"))
-  local rule = { name = r.name, label = label, truncate = r.oversize ~= "reject", tags = {} }
+  local rule = { name = r.name, label = label, truncate = r.oversize ~= "reject", tags = {},
+                  schema = schema }
   for j, g in ipairs(r.tags or {}) do
     if type(g) ~= "string" then return nil, label .. ": tag glob must be a string" end
     rule.tags[j] = glob_pattern(g)
   end
   if #rule.tags == 0 then return nil, label .. ": no tag glob" end
+  rule.globs, rule.pre_src, rule.post_src = r.tags, r.where or {}, r.after or {}
   local err
   rule.pre, err = compile_conditions(r.where)
   if not rule.pre then return nil, label .. ": " .. err end
@@ -594,10 +660,14 @@ local function compile_rule(r, i, defaults)
     if not st then return nil, label .. ": step " .. j .. ": " .. serr end
     rule.steps[j] = st
   end
+  if r.drop ~= nil then          -- drop: the records this rule matches make no event
+    rule.drop = tostring(r.drop)
+    return rule
+  end
   local ev = r.event
   if type(ev) ~= "table" then return nil, label .. ": no event" end
   local fields = {}
-  for _, name in ipairs(STRING_FIELDS) do
+  for _, name in ipairs(schema.string_fields) do
     local e = ev[name]
     if e == nil and defaults and defaults[name] ~= nil then e = { k = "lit", v = defaults[name] } end
     if e ~= nil then
@@ -606,7 +676,7 @@ local function compile_rule(r, i, defaults)
       fields[name] = f
     end
   end
-  for _, name in ipairs(OBJECT_FIELDS) do
+  for _, name in ipairs(schema.object_fields) do
     if ev[name] ~= nil then
       local f, ferr = compile_expr(ev[name])
       if not f then return nil, label .. ": " .. name .. ": " .. ferr end
@@ -615,14 +685,14 @@ local function compile_rule(r, i, defaults)
   end
   local ui = ev.userIdentity
   if type(ui) ~= "table" then return nil, label .. ": userIdentity missing" end
-  for _, name in ipairs({ "type", "principalId", "details" }) do
+  for _, name in ipairs(schema.identity_keys) do
     if ui[name] ~= nil then
       local f, ferr = compile_expr(ui[name])
       if not f then return nil, label .. ": userIdentity." .. name .. ": " .. ferr end
       fields["userIdentity." .. name] = f
     end
   end
-  for _, name in ipairs({ "eventSource", "eventName", "userIdentity.type", "userIdentity.principalId" }) do
+  for _, name in ipairs(schema.required_keys) do
     if not fields[name] then return nil, label .. ": " .. name .. " has no expression" end
   end
   -- eventTime is always converted: a plain field reference goes through 'auto'
@@ -650,9 +720,11 @@ function M.new(compiled)
     return nil, "compiled mappings format " .. tostring(compiled.format) .. " is not " .. FORMAT
   end
   if type(compiled.rules) ~= "table" then return nil, "compiled mappings have no rules" end
+  local schema, serr = schema_from(compiled.schema)
+  if not schema then return nil, serr end
   local rules = {}
   for i, r in ipairs(compiled.rules) do
-    local ok, rule, err = pcall(compile_rule, r, i, compiled.defaults)
+    local ok, rule, err = pcall(compile_rule, r, i, compiled.defaults, schema)
     if not ok then return nil, "rule " .. i .. ": " .. tostring(rule) end
     if not rule then return nil, err end
     rules[i] = rule
@@ -693,6 +765,10 @@ local valid_account = nil
 
 local function build(rule, tag, ts, rec, vars)
   local f = rule.fields
+  local S = rule.schema
+  local STRING_FIELDS, STRING_LIMITS, REQUIRED = S.string_fields, S.string_limits, S.required
+  local IDENTITY_FIELDS, IDENTITY_KEYS, IDENTITY_LIMITS = S.identity_fields, S.identity_paths, S.identity_limits
+  local OBJECT_FIELDS, OBJECT_LIMITS, DETAILS_LIMIT = S.object_fields, S.object_limits, S.details_limit
   local ev = setmetatable(new_tab(0, rule.nfields), MAP_MT)  -- final size: no regrowth
   local truncated, bad_ip
   local truncate = rule.truncate
@@ -840,6 +916,7 @@ local function try_rule(rule, tag, ts, rec)
   for i = 1, #post do
     if not post[i](rec, tag, ts, vars) then return false end
   end
+  if rule.drop then return true, nil, rule.drop, true end
   local ev, why = build(rule, tag, ts, rec, vars or NO_VARS)
   return true, ev, why
 end
@@ -851,9 +928,10 @@ local function map_rules(list, tag, ts, record)
   for i = 1, #list do
     local rule = list[i]
     trying = rule
-    local applied, ev, why = try_rule(rule, tag, ts, record)
+    local applied, ev, why, dropped = try_rule(rule, tag, ts, record)
     if applied then
       if ev then return ev, nil, rule.name end
+      if dropped then return nil, "dropped by " .. rule.label .. ": " .. why, rule.name, true end
       return nil, rule.label .. ": " .. tostring(why), rule.name
     end
   end
@@ -861,26 +939,106 @@ local function map_rules(list, tag, ts, record)
   return nil, "no mapping rule matched tag '" .. sanitize(tag) .. "'"
 end
 
+local function seconds(ts)
+  if type(ts) == "table" then          -- filter_lua's time_as_table form {sec=, nsec=}
+    return (tonumber(ts.sec) or 0) + (tonumber(ts.nsec) or 0) / 1e9
+  end
+  return type(ts) == "number" and ts or 0
+end
+
 function M:map(tag, ts, record)
   if type(tag) ~= "string" then tag = tostring(tag) end
   if type(record) ~= "table" then return nil, "record is not a map" end
-  if type(ts) == "table" then          -- filter_lua's time_as_table form {sec=, nsec=}
-    ts = (tonumber(ts.sec) or 0) + (tonumber(ts.nsec) or 0) / 1e9
-  elseif type(ts) ~= "number" then
-    ts = 0
-  end
-  local ok, ev, reason, name = pcall(map_rules, rules_for(self, tag), tag, ts, record)
-  if ok then return ev, reason, name end
+  ts = seconds(ts)
+  local ok, ev, reason, name, dropped = pcall(map_rules, rules_for(self, tag), tag, ts, record)
+  if ok then return ev, reason, name, dropped end
   local rule = trying
   trying = nil
   if rule then return nil, rule.label .. ": internal error: " .. tostring(ev), rule.name end
   return nil, "internal error: " .. tostring(ev)
 end
 
+---------------------------------------------------------------------------------------------
+-- explain (`cloudtrail-sink mappings test --explain`; never on the record path)
+
+local function shown(v)
+  if v == nil then return "absent" end
+  local t = to_text(v) or tostring(v)
+  if #t > 80 then t = cut_utf8(t, 77) .. "..." end
+  return json_encode(t)
+end
+
+local function shown_list(list)
+  local out = {}
+  for i = 1, #list do out[i] = shown(list[i]) end
+  return concat(out, ", ")
+end
+
+local function why_not(c, v)
+  local op = c.op
+  if op == "exists" then return "must exist, is absent" end
+  if op == "absent" then return "must be absent, is " .. shown(v) end
+  if op == "equals" then return "must equal " .. shown(c.value) .. ", is " .. shown(v) end
+  if op == "one_of" then return "must be one of " .. shown_list(c.values) .. ", is " .. shown(v) end
+  return "must match the pattern " .. shown(c.pattern) .. ", is " .. shown(v)
+end
+
+local function failed_condition(conds, fns, rec, tag, ts, vars)
+  for i = 1, #fns do
+    if not fns[i](rec, tag, ts, vars) then
+      local c = conds[i]
+      local get = compile_ref(c.ref)
+      return "match.fields." .. tostring(c.name or "?") .. ": " .. why_not(c, get(rec, tag, ts, vars or NO_VARS))
+    end
+  end
+end
+
+-- (text, applied): what this rule makes of the record, and why when it does not apply.
+local function explain_rule(rule, tag, ts, rec)
+  local tag_ok = false
+  for _, p in ipairs(rule.tags) do
+    if find(tag, p) then tag_ok = true; break end
+  end
+  if not tag_ok then
+    return "not applied: match.tag: " .. shown(tag) .. " matches none of " .. shown_list(rule.globs), false
+  end
+  local why = failed_condition(rule.pre_src, rule.pre, rec, tag, ts, nil)
+  if why then return "not applied: " .. why, false end
+  local vars = {}
+  for _, st in ipairs(rule.steps) do
+    local ok, step_why = st.run(rec, tag, ts, vars)
+    if not ok then
+      local text = step_why .. " (its input: " .. shown(st.get(rec, tag, ts, vars)) .. ")"
+      if st.reject then return "applied: rejected: " .. text, true end
+      return "not applied: " .. text, false
+    end
+  end
+  why = failed_condition(rule.post_src, rule.post, rec, tag, ts, vars)
+  if why then return "not applied: " .. why, false end
+  if rule.drop then return "applied: dropped: " .. rule.drop, true end
+  local ev, reason = build(rule, tag, ts, rec, vars)
+  if ev then return "applied", true end
+  return "applied: rejected: " .. tostring(reason), true
+end
+
+-- One line per rule tried, in order, up to the one that applies: which rule took the record
+-- and, for each earlier rule, the first thing that did not hold (with the value it saw).
+function M:explain(tag, ts, record)
+  if type(tag) ~= "string" then tag = tostring(tag) end
+  local lines = setmetatable({}, ARRAY_MT)
+  if type(record) ~= "table" then lines[1] = "record is not a map"; return lines end
+  ts = seconds(ts)
+  for _, rule in ipairs(self.rules) do
+    local ok, text, applied = pcall(explain_rule, rule, tag, ts, record)
+    if not ok then text, applied = "applied: internal error: " .. tostring(text), true end
+    lines[#lines + 1] = rule.label .. ": " .. text
+    if applied then return lines end
+  end
+  lines[#lines + 1] = "no mapping rule matched tag " .. shown(tag)
+  return lines
+end
+
 M.FORMAT = FORMAT
-M.STRING_LIMITS = STRING_LIMITS
-M.OBJECT_LIMITS = OBJECT_LIMITS
-M.DETAILS_LIMIT = DETAILS_LIMIT
 M.TRUNCATION_MARK = TRUNCATION_MARK
 M.glob_pattern = glob_pattern
 

@@ -59,6 +59,11 @@ OBJECT_LIMITS = {
     "responseElements": 100_000,
     "additionalEventData": 28_000,
 }
+# The service documents no limit for userIdentity.details, but a whole event must fit one
+# request (the sink's budget, --max-request-bytes, 999,000 bytes by default): the Lua mapper
+# bounds details like requestParameters, so an event with every field at its limit is about
+# 331,000 bytes of JSON, at most twice that escaped into a request (docs/mappings.md).
+DETAILS_LIMIT = 100_000
 # How much larger ``dumps`` can make a JSON value than its source text: strings never grow
 # (dumps escapes only what JSON requires escaped, writes other characters raw), whitespace and
 # repeated keys only shrink it; numbers grow at most 4.5x ("1e15" -> "1000000000000000.0").

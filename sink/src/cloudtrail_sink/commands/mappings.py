@@ -10,11 +10,15 @@ that does not set them (the sink fills both when absent, so they are optional).
 
 ``mappings test --tag TAG [RECORD.json|-] [-m PATH...] [--time EPOCH]`` maps one record (a JSON
 object; a file of JSON lines maps each line) with the real Lua code and prints the eventData as
-JSON with the rule that applied, or ``rejected: REASON``; exit 1 if any record was rejected.
-``-m`` takes YAML files/folders or a compiled ``.lua`` file.
+JSON with the rule that applied, ``rejected: REASON``, or ``dropped: REASON`` (a ``drop:`` rule
+took it, on purpose); exit 1 if any record was rejected. ``-m`` takes YAML files/folders or a
+compiled ``.lua`` file. ``--explain`` first prints, per record, one line per rule tried: which
+rule applied and, for each earlier rule, the first ``match`` condition or step that failed and
+the value it saw.
 
 ``mappings check [PATH...]`` compiles and runs every file's ``examples:`` against all the rules
-and prints ``ok``/``FAIL`` per example; exit 1 on any failure or compile problem.
+and prints ``ok``/``FAIL`` per example (``skip`` for examples of a rule with ``enabled: false``);
+exit 1 on any failure or compile problem.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "$CLOUDTRAIL_MAPPINGS or ./mappings)")
     t.add_argument("--time", type=float, default=None,
                    help="the record's Fluent Bit timestamp, epoch seconds (default: now)")
+    t.add_argument("--explain", action="store_true",
+                   help="say which rule applied and why each earlier rule did not")
     t.set_defaults(func=cmd_test)
 
     k = sub.add_parser("check", help="run the examples: of every mapping file")
@@ -159,7 +165,13 @@ def cmd_test(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             status = 1
             continue
+        if args.explain:
+            for text in mapper.explain(args.tag, ts, record):
+                print(f"{where}: {text}")
         res = mapper.map(args.tag, ts, record)
+        if res.dropped:
+            print(f"{where}: {res.reason}")
+            continue
         if res.event is None:
             print(f"{where}: rejected: {res.reason}")
             status = 1
@@ -188,7 +200,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     for r in results:
         ex = r.example
         label = f"{ex.file}:{ex.line}: {ex.name}"
-        if r.ok:
+        if r.skipped:
+            print(f"skip {label} ({r.message})")
+        elif r.ok:
             print(f"ok   {label} ({r.message})")
         else:
             failed += 1
@@ -197,5 +211,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for f in compiled.files:
         if f not in with_examples:
             print(f"note {f}: no examples: (its rules are untested)")
-    print(f"{len(results) - failed} examples passed, {failed} failed")
+    skipped = sum(r.skipped for r in results)
+    print(f"{len(results) - failed - skipped} examples passed, {failed} failed"
+          + (f", {skipped} skipped" if skipped else ""))
     return 1 if failed else 0

@@ -8,9 +8,12 @@ Contract:
   refuses raises ``MapperLoadError``.
 * ``LuaMapper.map(tag, time, record) -> MapResult`` converts ``record`` with
   ``luaharness.to_lua`` (what filter_lua does to a msgpack record), calls ``m:map`` and converts
-  the eventData back with ``luaharness.from_lua``.
+  the eventData back with ``luaharness.from_lua``; ``dropped`` is true when a ``drop:`` rule
+  took the record (no event, on purpose).
+* ``LuaMapper.explain(tag, time, record) -> list[str]``: ``m:explain``, one line per rule tried.
 * ``check_examples(compiled) -> list[ExampleResult]``: every file's ``examples:`` run against
   ALL the rules, in the order given (so an earlier rule that steals a record shows up).
+  An example naming (``rule:``) a rule switched off with ``enabled: false`` is skipped.
   An ``expect`` must equal the eventData exactly, and that eventData (with ``version`` and
   ``recipientAccountId`` filled as the sink would) must pass ``schema.check_event``.
 * ``check_patterns(compiled) -> list[str]``: Lua patterns LuaJIT refuses, as compile problems.
@@ -39,7 +42,8 @@ if not ok then return nil, "compiled mappings are not pure data: " .. tostring(d
 local mapper = require("cloudtrail.mapper")
 local m, merr = mapper.new(data)
 if not m then return nil, merr end
-return function(tag, ts, record) return m:map(tag, ts, record) end
+return function(tag, ts, record) return m:map(tag, ts, record) end,
+       function(tag, ts, record) return m:explain(tag, ts, record) end
 """
 
 _PATTERN_CHECK = rb"""
@@ -60,6 +64,7 @@ class MapResult:
     event: dict | None
     reason: str | None
     rule: str | None
+    dropped: bool = False
 
 
 def module_dir() -> pathlib.Path:
@@ -77,13 +82,10 @@ class LuaMapper:
         self.lua = luaharness.new_runtime()
         loader = self.lua.execute(_LOADER, lua_text.encode("utf-8"), name.encode("utf-8"),
                                   str(module_dir()).encode())
-        if isinstance(loader, tuple):
-            fn, err = loader
-        else:
-            fn, err = loader, None
+        fn, second = (loader + (None,))[:2] if isinstance(loader, tuple) else (loader, None)
         if fn is None:
-            raise MapperLoadError(luaharness._text(err))
-        self._map = fn
+            raise MapperLoadError(luaharness._text(second))
+        self._map, self._explain = fn, second
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> "LuaMapper":
@@ -94,13 +96,18 @@ class LuaMapper:
         out = self._map(tag.encode("utf-8"), float(time), lrec)
         if not isinstance(out, tuple):
             out = (out,)
-        out = tuple(out) + (None, None, None)
+        out = tuple(out) + (None, None, None, None)
         event, reason, rule = out[0], out[1], out[2]
         return MapResult(
             event=luaharness.from_lua(event, self.lua) if event is not None else None,
             reason=luaharness._text(reason) if reason is not None else None,
             rule=luaharness._text(rule) if rule is not None else None,
+            dropped=out[3] is True,
         )
+
+    def explain(self, tag: str, time: float, record: Any) -> list[str]:
+        lines = self._explain(tag.encode("utf-8"), float(time), luaharness.to_lua(self.lua, record))
+        return [luaharness._text(v) for v in luaharness.from_lua(lines, self.lua)]
 
 
 def check_patterns(compiled: Compiled) -> list[str]:
@@ -127,12 +134,17 @@ class ExampleResult:
     example: Example
     ok: bool
     message: str
+    skipped: bool = False
 
 
 def check_examples(compiled: Compiled, mapper: LuaMapper | None = None) -> list[ExampleResult]:
     mapper = mapper or LuaMapper(compiled.lua_text())
     results = []
     for ex in compiled.examples:
+        if ex.rule is not None and ex.rule in compiled.disabled:
+            results.append(ExampleResult(ex, True, f"skipped: rule {ex.rule} has enabled: false",
+                                         skipped=True))
+            continue
         res = mapper.map(ex.tag, ex.time, ex.record)
         results.append(ExampleResult(ex, *_judge(ex, res)))
     return results
@@ -141,6 +153,15 @@ def check_examples(compiled: Compiled, mapper: LuaMapper | None = None) -> list[
 def _judge(ex: Example, res: MapResult) -> tuple[bool, str]:
     if ex.rule is not None and res.rule != ex.rule:
         return False, f"expected rule '{ex.rule}' to apply, got {res.rule!r} ({res.reason or 'mapped'})"
+    if ex.expect_dropped is not None:
+        if not res.dropped:
+            return False, "expected the record to be dropped, got " + (
+                _compact(res.event) if res.event is not None else f"rejected: {res.reason}")
+        if ex.expect_dropped not in (res.reason or ""):
+            return False, f"dropped, but the reason {res.reason!r} does not contain {ex.expect_dropped!r}"
+        return True, f"dropped: {res.reason}"
+    if res.dropped:
+        return False, f"expected {'a rejection' if ex.expect_rejected else 'an event'}, but {res.reason}"
     if ex.expect_rejected is not None:
         if res.event is not None:
             return False, "expected a rejection, got an event: " + _compact(res.event)
