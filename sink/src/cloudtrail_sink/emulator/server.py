@@ -250,10 +250,18 @@ class _Server(ThreadingHTTPServer):
         """Over the connection cap: a short 503 (clients retry it), then close, no thread."""
         body = b'{"message":"Too many connections to the emulator; retry."}'
         try:
-            request.settimeout(1.0)
+            # Read the request if it comes at once: closing with unread data sends a reset,
+            # which would destroy the answer before the client reads it.
+            request.settimeout(0.25)
+            try:
+                request.recv(65536)
+            except TimeoutError:
+                pass
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
                             b"\r\nx-amzn-ErrorType: ServiceUnavailable\r\nConnection: close\r\n"
                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            request.shutdown(socket.SHUT_WR)
+            request.recv(65536, socket.MSG_DONTWAIT)
         except OSError:
             pass
         log.warning("connection refused: %d connections open (the cap)",
