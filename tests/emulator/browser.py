@@ -10,28 +10,37 @@ with what the page showed), ``screenshot(path)``; ``close()`` ends the whole pro
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
 import signal
 import subprocess
+import sys
 import time
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars", "--mute-audio"]
 
+_PLACE_FDS = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+              "os.execv(sys.argv[3], sys.argv[3:])")
+
 
 class Browser:
     def __init__(self, binary: str, profile, width: int = 1400, height: int = 1500) -> None:
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
-        # The shell puts the pipe ends on the fd numbers Chromium expects (3 in, 4 out).
-        self.proc = subprocess.Popen(
-            ["sh", "-c", f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', binary, *FLAGS,
-             "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
-            pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+        # Put the pipe ends on the fd numbers Chromium expects, in the child only; above 4
+        # first, so that placing one cannot overwrite the other.
+        to_chrome_r, from_chrome_w = (_above_four(fd) for fd in (to_chrome_r, from_chrome_w))
+        with open(os.path.join(profile, "chromium.log"), "wb") as log:  # kept for failures
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _PLACE_FDS, str(to_chrome_r), str(from_chrome_w), binary,
+                 *FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}",
+                 "about:blank"],
+                pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True)
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._buffer = b""
@@ -119,3 +128,9 @@ class Browser:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _above_four(fd: int) -> int:
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return high
