@@ -37,9 +37,9 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
-import sys
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -468,7 +468,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"kind": kind, "items": items, "next": next_before})
 
     def _event(self, query: str, _body: bytes):
-        event_id = _text_param(parse_qs(query), "id")
+        try:
+            event_id = _text_param(parse_qs(query), "id")
+        except ValueError as exc:
+            return self._error(400, "ValidationException", str(exc))
         found = self.server.emulator._store.event(event_id) if event_id else None
         if found is None:
             return self._error(404, "EventNotFound", "No stored event has this eventID.")
