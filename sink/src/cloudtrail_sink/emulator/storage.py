@@ -63,17 +63,17 @@ FILTER_COLUMNS = {
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS events_event_id ON events(event_id);
-CREATE INDEX IF NOT EXISTS events_uid ON events(uid, seq);
-CREATE INDEX IF NOT EXISTS events_source ON events(event_source, seq);
-CREATE INDEX IF NOT EXISTS events_name ON events(event_name, seq);
-CREATE INDEX IF NOT EXISTS events_principal ON events(principal, seq);
+CREATE INDEX IF NOT EXISTS events_uid ON events(uid);
+CREATE INDEX IF NOT EXISTS events_source ON events(event_source);
+CREATE INDEX IF NOT EXISTS events_name ON events(event_name);
+CREATE INDEX IF NOT EXISTS events_principal ON events(principal);
 CREATE INDEX IF NOT EXISTS events_ingested ON events(ingested);
 CREATE INDEX IF NOT EXISTS refusals_time ON refusals(time);
-CREATE INDEX IF NOT EXISTS refusals_uid ON refusals(uid, seq);
-CREATE INDEX IF NOT EXISTS refusals_source ON refusals(event_source, seq);
-CREATE INDEX IF NOT EXISTS refusals_name ON refusals(event_name, seq);
-CREATE INDEX IF NOT EXISTS refusals_principal ON refusals(principal, seq);
-CREATE INDEX IF NOT EXISTS refusals_code ON refusals(error_code, seq);
+CREATE INDEX IF NOT EXISTS refusals_uid ON refusals(uid);
+CREATE INDEX IF NOT EXISTS refusals_source ON refusals(event_source);
+CREATE INDEX IF NOT EXISTS refusals_name ON refusals(event_name);
+CREATE INDEX IF NOT EXISTS refusals_principal ON refusals(principal);
+CREATE INDEX IF NOT EXISTS refusals_code ON refusals(error_code);
 """
 MAX_PAGE = 10_000
 MAX_CURSOR = 2**63 - 1  # SQLite's largest integer
