@@ -252,7 +252,7 @@ class _Server(ThreadingHTTPServer):
         try:
             # Read the request if it comes at once: closing with unread data sends a reset,
             # which would destroy the answer before the client reads it.
-            request.settimeout(0.25)
+            request.settimeout(0.1)
             try:
                 request.recv(65536)
             except TimeoutError:
