@@ -137,3 +137,25 @@ def test_unusable_database_or_address_exit_1_naming_it(tmp_path, capsys):
         assert main(["emulator", "--listen", f"127.0.0.1:{port}",
                      "--db", str(tmp_path / "e.sqlite")]) == 1
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_admin_token_from_the_environment_and_allowed_hosts(run_cli, tmp_path, monkeypatch):
+    from test_emulator_robustness import _raw
+
+    monkeypatch.setenv("CLOUDTRAIL_EMULATOR_ADMIN_TOKEN", "tok-env")
+    running = run_cli("--listen", "127.0.0.1:0", "--db", str(tmp_path / "t.sqlite"),
+                      "--allow-host", "emulator", "--max-connections", "8",
+                      "--connection-timeout", "5")
+    port = int(running.url.rsplit(":", 1)[1])
+    body = b'{"latency_ms": 1}'
+
+    def put_faults(auth):
+        return _raw(port, b"PUT /_emulator/faults HTTP/1.1\r\nHost: emulator\r\n" + auth
+                    + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    assert put_faults(b"").startswith(b"HTTP/1.1 403")
+    assert put_faults(b"Authorization: Bearer tok-env\r\n").startswith(b"HTTP/1.1 200")
+    assert _raw(port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 403")
+    log = _stop(running)
+    assert "answer Host: emulator; fault changes need the admin token" in log
+    assert "tok-env" not in log

@@ -128,4 +128,4 @@ def test_healthz_and_page(make_emulator):
     with urllib.request.urlopen(f"{emu.url}/", timeout=10) as resp:
         assert resp.headers["Content-Type"].startswith("text/html")
         html = resp.read().decode()
-    assert "/_emulator/events" in html and "/_emulator/stats" in html
+    assert "/_emulator/search" in html and "/_emulator/summary" in html

@@ -140,7 +140,7 @@ def test_request_ids_are_unique_per_answer(make_emulator):
 
 def test_answers_are_json_with_content_length(make_emulator):
     emu = make_emulator()
-    answer = _raw(emu.port, b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = _raw(emu.port, b"GET /_emulator/stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"Content-Type: application/json" in head
     assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
@@ -164,7 +164,7 @@ def test_a_body_on_a_get_does_not_poison_the_keep_alive_connection(make_emulator
     answer = _raw(emu.port,
                   b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
                   + body
-                  + b"GET /_emulator/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                  + b"GET /_emulator/stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     import re
 
     assert re.findall(rb"HTTP/1\.1 \d+", answer) == [b"HTTP/1.1 200", b"HTTP/1.1 200"]

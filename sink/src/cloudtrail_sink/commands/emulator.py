@@ -2,7 +2,8 @@
 
     cloudtrail-sink emulator --listen 127.0.0.1:8000 --db FILE
         [--channel ARN[,EXTERNAL_ID]]... [--quota N] [--faults JSON] [--seed N]
-        [--access-key K --secret-key S] [--workers N]
+        [--access-key K --secret-key S] [--workers N] [--admin-token T] [--allow-host NAME]...
+        [--max-connections N] [--connection-timeout S]
 
 Without ``--channel`` every well-formed channel ARN is accepted (said in the startup log).
 Exit status: 0 after a clean stop on a signal, 2 for bad options, 1 when the address or the
@@ -54,6 +55,18 @@ def register(subparsers) -> None:
                         help="processes checking events (default: one per CPU beyond the "
                              "first, at most 4, so none on 2 CPUs; 0 checks in the serving "
                              "threads)")
+    parser.add_argument("--admin-token", default=None, metavar="T",
+                        help="require 'Authorization: Bearer T' to change faults (PUT "
+                             "/_emulator/faults); prefer env CLOUDTRAIL_EMULATOR_ADMIN_TOKEN")
+    parser.add_argument("--allow-host", action="append", default=None, metavar="NAME",
+                        help="a Host name the page and /_emulator/* answer to (against DNS "
+                             "rebinding); repeatable; default: localhost, 127.0.0.1, ::1 and "
+                             "the --listen host; '*' allows any")
+    parser.add_argument("--max-connections", type=int, default=128, metavar="N",
+                        help="connections served at once (default 128); more get a 503")
+    parser.add_argument("--connection-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a connection may wait for the client between reads, "
+                             "idle keep-alive included (default 30)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
@@ -105,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
                             channels=parse_channels(args.channel),
                             quota_per_second=args.quota, faults=faults, seed=args.seed,
                             workers=args.workers,
+                            admin_token=args.admin_token
+                            or os.environ.get("CLOUDTRAIL_EMULATOR_ADMIN_TOKEN"),
+                            allowed_hosts=args.allow_host,
+                            max_connections=args.max_connections,
+                            connection_timeout=args.connection_timeout,
                             credentials=(args.access_key, secret) if args.access_key else None)
     except (ValueError, TypeError) as exc:
         print(f"cloudtrail-sink emulator: {exc}", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 ``Emulator`` serves the wire format botocore speaks, checks requests and events the way the
 service does (the strict reading where public sources leave a choice open, see
-``docs/emulator.md``), stores accepted events in SQLite wrapped like CloudTrail Lake, and exposes
-them at ``/_emulator/events`` and on a live page at ``/``. ``Faults`` injects throttling, 5xx
+``docs/emulator.md``), stores accepted events in SQLite wrapped like CloudTrail Lake (and what it
+refused), and exposes them at ``/_emulator/events`` and in a console page at ``/``. ``Faults`` injects throttling, 5xx
 answers, per-event failures and latency, deterministically for a given seed.
 """
 

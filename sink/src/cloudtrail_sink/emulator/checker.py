@@ -9,8 +9,9 @@ whole (not JSON, wrong member types -> ``SerializationException``; auditEvents m
 1-100 entries, an ``id`` missing, longer than 128 or outside ``^[-_A-Za-z0-9]+$``,
 ``eventData`` missing -> ``ValidationException`` listing up to 10 violations), else a
 ``Checked``: the ids in request order, the first duplicated id (or None), and per event either
-``(errorCode, errorMessage)`` from ``schema.parse_event_text`` or a storable row
-``(eventID, uid, wrapped event JSON text)``.
+``("failed", errorCode, errorMessage, eventData text, uid, eventSource, eventName, principalId)``
+(the last four as far as the text gives them, else None: what the page shows of a refusal) or
+``("ok", eventID, uid, wrapped event JSON text, eventSource, eventName, principalId)``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class WorkerFailure(NamedTuple):
 class Checked(NamedTuple):
     ids: list[str]
     duplicate: str | None
-    outcomes: list[tuple]  # ("failed", code, message) or ("ok", event_id, uid, wrapped_text)
+    outcomes: list[tuple]  # see the module docstring
 
 
 def check_body(body: bytes, arn: str, account: str, region: str, ingestion_time: str,
@@ -70,12 +71,34 @@ def check_body(body: bytes, arn: str, account: str, region: str, ingestion_time:
         text = entry["eventData"]
         data, problem = schema.parse_event_text(text, account, entry.get("eventDataChecksum"))
         if problem is not None:
-            outcomes.append(("failed", problem.code, problem.message))
+            outcomes.append(("failed", problem.code, problem.message, text,
+                             *_best_effort_fields(text)))
             continue
         outcomes.append(("ok", event_id, data["UID"],
                          wrap(event_id, arn, region, account, data["eventTime"],
-                              ingestion_time, text)))
+                              ingestion_time, text),
+                         data["eventSource"], data["eventName"],
+                         data["userIdentity"]["principalId"]))
     return Checked(ids, None, outcomes)
+
+
+def _best_effort_fields(text: str) -> tuple[str | None, str | None, str | None, str | None]:
+    """UID, eventSource, eventName, principalId of a refused event's text, where it has them as
+    strings: a person fixing a mapping finds the refusal by them."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, None, None, None
+    if not isinstance(data, dict):
+        return None, None, None, None
+    identity = data.get("userIdentity")
+
+    def text_of(value):
+        return value[:1024] if isinstance(value, str) else None
+
+    return (text_of(data.get("UID")), text_of(data.get("eventSource")),
+            text_of(data.get("eventName")),
+            text_of(identity.get("principalId")) if isinstance(identity, dict) else None)
 
 
 def _uuid4s(count: int) -> list[str]:

@@ -15,20 +15,24 @@ Order of checks (the first failing one answers for the whole request):
 8. two entries with the same ``id`` -> 400 ``DuplicatedAuditEventId``;
 9. per event, in request order: an injected event fault if one is drawn, else the
    ``schema.parse_event_text`` problem -> ``failed[]``; the rest are stored (one transaction)
-   and listed in ``successful[]`` with their new ``eventID``.
+   and listed in ``successful[]`` with their new ``eventID``. Every ``failed[]`` entry is also
+   stored as a refusal (``storage.RefusalRow``, kind ``event``), with the event's text.
+
+A whole-call error is raised as ``ApiError``; the server answers it and stores the refusal.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import parse_qs
 
 from .channels import EXTERNAL_ID_RE, Channels, parse_arn
 from .checker import BodyError, CheckerPool
 from .faults import FaultDice
 from .quota import CallQuota
-from .storage import EventStore
+from .storage import EventRow, EventStore, RefusalRow
 
 
 class ApiError(Exception):
@@ -50,14 +54,18 @@ class Result:
 
 class PutAuditEvents:
     def __init__(self, store: EventStore, channels: Channels, quota: CallQuota,
-                 dice: FaultDice, checker: CheckerPool) -> None:
+                 dice: FaultDice, checker: CheckerPool,
+                 wall_clock: Callable[[], _dt.datetime] = lambda: _dt.datetime.now(
+                     _dt.timezone.utc)) -> None:
+        self.wall_clock = wall_clock
         self.store = store
         self.channels = channels
         self.quota = quota
         self.dice = dice
         self.checker = checker
 
-    def __call__(self, query: str, body: bytes, region: str) -> Result:
+    def __call__(self, query: str, body: bytes, region: str, request_id: str | None = None
+                 ) -> Result:
         params = parse_qs(query, keep_blank_values=True)
         arn_text = _single(params, "channelArn")
         external_id = _single(params, "externalId")
@@ -92,7 +100,8 @@ class PutAuditEvents:
                                      "channel's resource policy requires.")
         # The body's shape is judged first (as the service's front end does); its events are
         # only checked when the channel will take them.
-        checked = self.checker.check(body, arn.arn, arn.account, arn.region, _now_text(),
+        now = time_text(self.wall_clock())
+        checked = self.checker.check(body, arn.arn, arn.account, arn.region, now,
                                      channel_error is None)
         if isinstance(checked, BodyError):
             raise ApiError(*checked)
@@ -105,20 +114,25 @@ class PutAuditEvents:
 
         successful: list[dict] = []
         failed: list[dict] = []
-        rows = []
+        rows, refusals = [], []
         for event_id, outcome in zip(checked.ids, checked.outcomes):
             injected = self.dice.event_fault()
-            if injected is not None:
-                failed.append({"id": event_id, "errorCode": injected[0],
-                               "errorMessage": injected[1]})
-            elif outcome[0] == "failed":
-                failed.append({"id": event_id, "errorCode": outcome[1],
-                               "errorMessage": outcome[2]})
+            if injected is not None or outcome[0] == "failed":
+                code, message = injected if injected is not None else outcome[1:3]
+                failed.append({"id": event_id, "errorCode": code, "errorMessage": message})
+                if outcome[0] == "failed":
+                    text, uid, source, name, principal = outcome[3:]
+                else:  # an injected fault on a good event: the stored form is not kept
+                    text, (uid, source, name, principal) = None, (outcome[2], *outcome[4:])
+                refusals.append(RefusalRow(now, "event", arn.arn, request_id, event_id, code,
+                                           message, uid, source, name, principal, text))
             else:
-                _, service_id, uid, wrapped = outcome
-                rows.append((service_id, arn.arn, uid, wrapped))
+                _, service_id, uid, wrapped, source, name, principal = outcome
+                rows.append(EventRow(service_id, arn.arn, uid, wrapped, source, name, principal,
+                                     now))
                 successful.append({"id": event_id, "eventID": service_id})
         self.store.add(rows)
+        self.store.add_refusals(refusals)
         return Result(successful, failed)
 
 
@@ -131,6 +145,7 @@ def _single(params: dict[str, list[str]], name: str) -> str | None:
     return values[0]
 
 
-def _now_text() -> str:
-    now = _dt.datetime.now(_dt.timezone.utc)
+def time_text(now: _dt.datetime) -> str:
+    """``metadata.ingestionTime``'s form: UTC, milliseconds, ``Z``."""
+    now = now.astimezone(_dt.timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
