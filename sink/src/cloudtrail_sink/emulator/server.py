@@ -9,7 +9,10 @@ Routes:
   (oldest first; ``wait`` blocks up to S <= 25 seconds for a first new event; ``tail=N`` instead
   of ``after`` returns the newest N);
 - ``GET /_emulator/stats``; ``GET``/``PUT /_emulator/faults``; ``GET /healthz``; ``GET /`` the
-  live page.
+  live page;
+- ``POST /`` with ``X-Amz-Target: ...CloudTrail_20131101.<Operation>`` (the ``cloudtrail``
+  control plane's Lake queries) and ``POST /_emulator/query`` (the page's query box) ->
+  ``lake``.
 
 Threads: one per connection (``ThreadingHTTPServer``, HTTP/1.1 keep-alive). ``stop()`` stops
 accepting, shuts down every open connection so idle keep-alive threads end, joins all threads
@@ -37,6 +40,7 @@ from .channels import Channels
 from .checker import CheckerPool
 from .faults import FaultDice, Faults
 from .ingest import ApiError, PutAuditEvents
+from .lake import TARGET_PREFIX, Lake
 from .quota import CallQuota
 from .stats import Stats
 from .storage import MAX_PAGE, EventStore, read_page
@@ -45,6 +49,7 @@ log = logging.getLogger("cloudtrail_sink.emulator")
 
 MAX_BODY = 1_000_000
 DRAIN_LIMIT = 16 * 1024 * 1024  # larger bodies are not read: the connection is closed
+LAKE_MAX_BODY = 256 * 1024  # a QueryStatement is at most 10,000 characters
 DEFAULT_PAGE = 1000
 MAX_WAIT = 25.0
 
@@ -56,7 +61,8 @@ class Emulator:
                  channels: dict[str, str | None] | None = None, quota_per_second: float = 100.0,
                  faults: Faults | None = None, seed: int = 0,
                  credentials: tuple[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic, workers: int | None = 0) -> None:
+                 clock: Callable[[], float] = time.monotonic, workers: int | None = 0,
+                 query_timeout: float = 30.0) -> None:
         self.db_path = db_path
         self.host = host
         self._requested_port = port
@@ -71,6 +77,8 @@ class Emulator:
         if self.workers < 0:
             raise ValueError("workers must be 0 or more")
         self._stats = Stats()
+        self.query_timeout = query_timeout  # seconds a Lake query may run
+        self.lake: Lake | None = None
         self._store: EventStore | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -86,9 +94,12 @@ class Emulator:
         self._checker = CheckerPool(self.workers)
         self._put = PutAuditEvents(self._store, self.channels, self.quota, self.dice,
                                    self._checker)
+        self.lake = Lake(self._store, self.channels, self.credentials, lambda: self.wall_clock(),
+                         self.query_timeout)
         try:
             self._server = _Server((self.host, self._requested_port), _Handler, self)
         except BaseException:
+            self.lake.close()
             self._store.close()
             raise
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -114,6 +125,7 @@ class Emulator:
         self._server.server_close()  # joins the connection threads
         self._thread.join()
         self._checker.close()
+        self.lake.close()
         self._store.close()
         self._server = None
         log.info("emulator stopped")
@@ -252,10 +264,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             parts = urlsplit(self.path)
             route = (self.command, parts.path)
-            if route != ("PUT", "/_emulator/faults") and parts.path != "/PutAuditEvents":
+            lake = (route == ("POST", "/_emulator/query")
+                    or self.headers.get("X-Amz-Target", "").startswith(TARGET_PREFIX))
+            if (route != ("PUT", "/_emulator/faults") and parts.path != "/PutAuditEvents"
+                    and not lake):
                 self._drain_body()  # a body nobody reads would be taken for the next request
             if parts.path == "/PutAuditEvents":
                 self._put_audit_events(parts.query)
+            elif lake:
+                self._lake(route == ("POST", "/_emulator/query"))
             elif route == ("GET", "/_emulator/events"):
                 self._events(parts.query)
             elif route == ("GET", "/_emulator/stats"):
@@ -310,6 +327,16 @@ class _Handler(BaseHTTPRequestHandler):
         stats.record("partial" if result.failed else "ok", len(result.successful),
                      [entry["errorCode"] for entry in result.failed])
         self._json(200, result.body())
+
+    def _lake(self, page: bool):
+        body = self._read_body(LAKE_MAX_BODY)
+        if body is None:
+            return self._error(413, "RequestEntityTooLargeException",
+                               f"The request body is larger than {LAKE_MAX_BODY} bytes.")
+        api = self.server.emulator.lake.api
+        answer = (api.page_query(body) if page
+                  else api.handle(self.command, self.path, self.headers, body))
+        self._send(answer.status, answer.body, answer.content_type, answer.headers)
 
     def _delay(self, emulator: Emulator):
         latency = emulator.faults.latency_ms
