@@ -6,8 +6,9 @@ Contract:
   when a worker is free (``RUNNING``), then ends ``FINISHED`` (rows kept), ``FAILED`` (message
   kept), ``TIMED_OUT`` (ran longer than ``timeout`` seconds) or ``CANCELLED``. More than
   ``max_active`` queries queued or running raises ``MaxConcurrentQueriesException``.
-- ``cancel(id)`` ends a queued or running query as ``CANCELLED`` (a running one is interrupted);
-  a query that already ended raises ``InactiveQueryException``.
+- ``cancel(id)`` ends a queued or running query as ``CANCELLED`` (a running one is interrupted,
+  and its end awaited up to ``CANCEL_WAIT`` seconds); a query that already ended raises
+  ``InactiveQueryException``.
 - ``get(id, region)`` raises ``QueryIdNotFoundException`` for an unknown id, an id started in
   another region, or one forgotten: only the newest ``keep`` ended queries are kept.
 - ``wait(id, timeout)`` blocks until the query ended (or the timeout passed).
@@ -36,6 +37,7 @@ from .translate import Translated
 
 ENDED = ("FINISHED", "FAILED", "TIMED_OUT", "CANCELLED")
 WATCH_INTERVAL = 0.05
+CANCEL_WAIT = 2.0
 
 
 @dataclass
@@ -126,6 +128,8 @@ class QueryStore:
             else:
                 _interrupt(query)
             self._cond.notify_all()
+            # The service answers RUNNING or CANCELLED; an interrupted statement ends quickly.
+            self._cond.wait_for(lambda: query.status in ENDED, CANCEL_WAIT)
         return query
 
     def wait(self, query_id: str, timeout: float) -> Query:
