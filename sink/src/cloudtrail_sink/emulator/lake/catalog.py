@@ -61,8 +61,9 @@ class EventDataStore:
 
     @property
     def view(self) -> str:
-        """The DuckDB view holding this store's events."""
-        return "eds_" + self.id.replace("-", "")
+        """The DuckDB view holding this store's events: named as the store, so that engine
+        messages name what the query named."""
+        return self.id
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ Contract:
 - ``ensure_view(store)`` creates the store's view (its account's and region's events).
 - ``bind(sql)`` plans without running and returns the result's column names, or raises
   ``LakeError("InvalidQueryStatementException")`` with DuckDB's message (unknown column or
-  function, type errors), internal view names replaced by store ids.
+  function, type errors).
 - ``run(cursor, sql, max_rows)`` executes and returns (columns, rows of rendered strings); more
   than ``max_rows`` rows raises ``TooManyRows``. ``cursor.interrupt()`` from another thread ends
   it with ``duckdb.InterruptException``.
@@ -53,7 +53,7 @@ class Engine:
         self._db.execute("SET lock_configuration = true")
         self._load_lock = threading.Lock()
         self._loaded = 0
-        self._views: dict[str, str] = {}  # view name -> store id
+        self._views: set[str] = set()
 
     def refresh(self) -> None:
         with self._load_lock:
@@ -103,7 +103,7 @@ class Engine:
             if store.view not in self._views:
                 self._db.execute(store_view_sql(store.view, store.partition, store.region,
                                                 store.account))
-                self._views[store.view] = store.id
+                self._views.add(store.view)
 
     def bind(self, sql: str) -> list[str]:
         cur = self._db.cursor()
@@ -125,10 +125,8 @@ class Engine:
         return columns, [[render(value) for value in row] for row in rows]
 
     def message(self, exc: Exception) -> str:
-        """DuckDB's message, first lines only, with store ids in place of view names."""
+        """DuckDB's message, its first lines only (views are named as their stores)."""
         text = " ".join(str(exc).split("\n")[:3]).strip()
-        for view, store_id in self._views.items():
-            text = text.replace(view, store_id)
         return text[:900] or type(exc).__name__
 
     def close(self) -> None:

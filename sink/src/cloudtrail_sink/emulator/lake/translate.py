@@ -6,8 +6,8 @@ Contract of ``translate(sql, resolve)``:
   ``INTERSECT``/``EXCEPT``, joins, ``UNNEST``). Anything else (``INSERT``, ``SET``, ``SELECT ..
   INTO``, ...) raises ``LakeError("InvalidQueryStatementException")`` naming the statement.
 - ``FROM`` takes event data store ids, unquoted as in Lake (``FROM 0b9a..-..``) or quoted.
-  ``resolve(id)`` returns the store (or raises ``EventDataStoreNotFoundException``); each is
-  replaced by the store's DuckDB view, aliased to the id so ``"<id>".eventID`` still resolves.
+  ``resolve(id)`` returns the store (or raises ``EventDataStoreNotFoundException``); each names
+  the store's DuckDB view.
   Any other table (qualified names, table functions such as ``read_csv``) is refused, naming it.
   A query must read at least one store.
 - Trino's syntax and functions are transpiled by sqlglot; what sqlglot cannot express in DuckDB
@@ -39,6 +39,10 @@ MAX_STATEMENT = 10_000  # QueryStatement's max length in the service model
 _UUID_IN_CODE = re.compile(r"(?<![\w\"-])([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                            r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?![\w\"-])")
 _QUERY_ROOTS = (exp.Select, exp.SetOperation, exp.Subquery)
+_STATEMENTS = {"insert", "delete", "update", "create", "drop", "merge", "set", "alter", "use",
+               "describe", "pragma", "copy", "cache", "uncache", "refresh", "transaction",
+               "commit", "rollback", "grant", "revoke", "analyze", "truncatetable", "attach",
+               "detach", "show", "load", "install", "export", "summarize", "kill"}
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,11 @@ def translate(sql: str, resolve: Callable[[str], EventDataStore]) -> Translated:
         raise invalid(f"QueryStatement is longer than {MAX_STATEMENT} characters.")
     tree = _parse(_quote_store_ids(sql))
     if not isinstance(tree, _QUERY_ROOTS):
-        kind = tree.name.upper() if isinstance(tree, exp.Command) else tree.key.upper()
-        raise invalid(f"Only SELECT statements are allowed; found {kind}.")
+        if isinstance(tree, exp.Command):
+            raise invalid(f"Only SELECT statements are allowed; found {tree.name.upper()}.")
+        if tree.key in _STATEMENTS:
+            raise invalid(f"Only SELECT statements are allowed; found {tree.key.upper()}.")
+        raise invalid("Syntax error: the text is not a SELECT statement.")
     for select in tree.find_all(exp.Select):
         if select.args.get("into") is not None:
             raise invalid("SELECT ... INTO is not allowed: only SELECT statements are.")
@@ -133,10 +140,7 @@ def _replace_table(table: exp.Table, ctes: set[str], resolve, stores: dict) -> N
                       "part of an event data store ARN (ListEventDataStores lists them).")
     store = resolve(name)
     stores.setdefault(store.id, store)
-    alias = table.args.get("alias")
-    table.set("this", exp.to_identifier(store.view))
-    if alias is None:
-        table.set("alias", exp.TableAlias(this=exp.to_identifier(name, quoted=True)))
+    table.set("this", exp.to_identifier(store.view, quoted=True))
 
 
 def _name_outer_columns(tree: exp.Expression) -> None:
