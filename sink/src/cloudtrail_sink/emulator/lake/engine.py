@@ -8,7 +8,9 @@ Contract:
   their own cursors.
 - DuckDB runs with external access off (no file, extension or network access from a query),
   extension autoloading off, the configuration locked, time zone UTC, ``threads`` threads and
-  ``memory_limit`` of memory: a query that needs more fails with DuckDB's out-of-memory error.
+  ``memory_limit`` of memory (no spilling to disk): a query that needs more fails with DuckDB's
+  out-of-memory error; events that no longer fit (about 20,000 events of 1 KB take 25 MB) make
+  ``refresh()`` raise ``LakeError("InternalFailure", status 500)``.
 - ``ensure_view(store)`` creates the store's view (its account's and region's events).
 - ``bind(sql)`` plans without running and returns the result's column names, or raises
   ``LakeError("InvalidQueryStatementException")`` with DuckDB's message (unknown column or
@@ -21,6 +23,7 @@ Contract:
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import threading
 
 import duckdb
@@ -30,6 +33,7 @@ from .catalog import EventDataStore, LakeError
 from .columns import INSERT_SQL, TABLE_DDL, render, store_view_sql
 
 LOAD_BATCH = 5_000
+log = logging.getLogger("cloudtrail_sink.emulator")
 
 
 class TooManyRows(Exception):
@@ -51,24 +55,34 @@ class Engine:
         # Set last: with external access off nothing can be read but what is loaded here.
         self._db.execute("SET enable_external_access = false")
         self._db.execute("SET lock_configuration = true")
-        self._load_lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one loader at a time
+        self._conn_lock = threading.Lock()  # the shared connection: new cursors, DDL, close
         self._loaded = 0
         self._views: set[str] = set()
 
     def refresh(self) -> None:
         with self._load_lock:
-            while True:
-                bodies, cursor = self._store.page(LOAD_BATCH, self._loaded)
-                if not bodies:
-                    return
-                self._db.execute(INSERT_SQL, [bodies])
-                self._loaded = cursor
+            loader = self.cursor()
+            try:
+                while True:
+                    bodies, cursor = self._store.page(LOAD_BATCH, self._loaded)
+                    if not bodies:
+                        return
+                    loader.execute(INSERT_SQL, [bodies])
+                    self._loaded = cursor
+            except duckdb.Error as exc:
+                log.warning("query engine cannot load the stored events: %s", self.message(exc))
+                raise LakeError("InternalFailure", "The emulator's query engine cannot load the "
+                                f"stored events: {self.message(exc)}", 500)
+            finally:
+                loader.close()
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        return self._db.cursor()
+        with self._conn_lock:
+            return self._db.cursor()
 
     def _fetch(self, sql: str, params=None) -> list[tuple]:
-        cur = self._db.cursor()
+        cur = self.cursor()
         try:
             return cur.execute(sql, params).fetchall()
         finally:
@@ -99,14 +113,14 @@ class Engine:
         return events, size
 
     def ensure_view(self, store: EventDataStore) -> None:
-        with self._load_lock:
+        with self._conn_lock:
             if store.view not in self._views:
                 self._db.execute(store_view_sql(store.view, store.partition, store.region,
                                                 store.account))
                 self._views.add(store.view)
 
     def bind(self, sql: str) -> list[str]:
-        cur = self._db.cursor()
+        cur = self.cursor()
         try:
             return [row[0] for row in cur.execute("DESCRIBE " + sql).fetchall()]
         except duckdb.Error as exc:
@@ -130,5 +144,5 @@ class Engine:
         return text[:900] or type(exc).__name__
 
     def close(self) -> None:
-        with self._load_lock:
+        with self._load_lock, self._conn_lock:
             self._db.close()
