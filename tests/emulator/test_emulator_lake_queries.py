@@ -368,3 +368,13 @@ def test_page_query_endpoint_gives_the_api_rows(known):
     assert refused["error"]["code"] == "InvalidQueryStatementException"
     status, bad = page_query(known, b"not json")
     assert status == 400 and bad["error"]["code"] == "SerializationException"
+
+
+def test_open_mode_finds_channels_and_stores_from_stored_events(make_emulator):
+    emu = make_emulator(channels=None)
+    ct = lake(emu)
+    assert ct.list_event_data_stores()["EventDataStores"] == []
+    assert ct.list_channels()["Channels"] == []
+    store(emu, [event_data(uid="open-1")])
+    assert [c["ChannelArn"] for c in ct.list_channels()["Channels"]] == [CHANNEL_ARN]
+    assert run(ct, f"SELECT eventData.UID FROM {store_id(ct)}")[1] == [["open-1"]]

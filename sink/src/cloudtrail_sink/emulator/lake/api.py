@@ -126,11 +126,15 @@ class ControlPlane:
                         "rows": query.rows, "error": None}, content_type="application/json")
 
     # operations ------------------------------------------------------------------------------
+    def _seen(self) -> list[str]:
+        """Channels with stored events (open mode knows channels only from those)."""
+        self.engine.refresh()
+        return self.engine.seen_channels()
+
     def _start(self, statement, region: str | None) -> Query:
         if not isinstance(statement, str):
             raise LakeError("InvalidParameterException", "QueryStatement must be a string.")
-        self.engine.refresh()
-        seen = self.engine.seen_channels()
+        seen = self._seen()
         translated = translate(statement, lambda name: self.catalog.store(name, seen, region))
         for store in translated.stores:
             self.engine.ensure_view(store)
@@ -147,7 +151,7 @@ class ControlPlane:
     def _query(self, params: dict, region: str) -> Query:
         _refuse(params, "QueryAlias", "RefreshId")
         if params.get("EventDataStore") is not None:
-            self.catalog.store(params["EventDataStore"], self.engine.seen_channels(), region)
+            self.catalog.store(params["EventDataStore"], self._seen(), region)
         if "QueryId" not in params:
             raise LakeError("InvalidParameterException", "QueryId is required.")
         return self.queries.get(params["QueryId"], region)
@@ -201,7 +205,7 @@ class ControlPlane:
         return _with_owner({"QueryId": query.id, "QueryStatus": query.status}, params)
 
     def _list_stores(self, params: dict, region: str) -> dict:
-        stores = self.catalog.stores(self.engine.seen_channels(), region)
+        stores = self.catalog.stores(self._seen(), region)
         shapes = [{k: v for k, v in store_shape(s, self.created).items()
                    if k not in ("BillingMode",)} for s in stores]
         return _listed("EventDataStores", shapes, params, "stores")
@@ -209,19 +213,18 @@ class ControlPlane:
     def _get_store(self, params: dict, region: str) -> dict:
         if "EventDataStore" not in params:
             raise LakeError("InvalidParameterException", "EventDataStore is required.")
-        store = self.catalog.store(params["EventDataStore"], self.engine.seen_channels(), region)
+        store = self.catalog.store(params["EventDataStore"], self._seen(), region)
         return store_shape(store, self.created)
 
     def _list_channels(self, params: dict, region: str) -> dict:
-        channels = self.catalog.channels(self.engine.seen_channels(), region)
+        channels = self.catalog.channels(self._seen(), region)
         return _listed("Channels", [{"ChannelArn": c.arn, "Name": c.name} for c in channels],
                        params, "channels")
 
     def _get_channel(self, params: dict, region: str) -> dict:
         if "Channel" not in params:
             raise LakeError("InvalidParameterException", "Channel is required.")
-        self.engine.refresh()
-        channel = self.catalog.channel(params["Channel"], self.engine.seen_channels(), region)
+        channel = self.catalog.channel(params["Channel"], self._seen(), region)
         return channel_shape(channel, self.engine.latest(channel.arn))
 
 
