@@ -378,3 +378,26 @@ def test_open_mode_finds_channels_and_stores_from_stored_events(make_emulator):
     store(emu, [event_data(uid="open-1")])
     assert [c["ChannelArn"] for c in ct.list_channels()["Channels"]] == [CHANNEL_ARN]
     assert run(ct, f"SELECT eventData.UID FROM {store_id(ct)}")[1] == [["open-1"]]
+
+
+def test_limits_keep_a_hostile_query_from_hurting_the_emulator(known):
+    ct = lake(known)
+    eds = store_id(ct)
+    query_id = ct.start_query(QueryStatement=f"SELECT x FROM {eds} CROSS JOIN "
+                                             f"UNNEST(sequence(1, 20000)) AS t(x)")["QueryId"]
+    described = wait_ended(ct, query_id)  # 7 events x 20,000 = 140,000 rows
+    assert described["QueryStatus"] == "FAILED"
+    assert "more than 100000 rows" in described["ErrorMessage"]
+    with known.lake.queries.hold():
+        for _ in range(10):
+            ct.start_query(QueryStatement=f"SELECT eventID FROM {eds}")
+        with pytest.raises(ClientError) as busy:
+            ct.start_query(QueryStatement=f"SELECT eventID FROM {eds}")
+        assert error_code(busy) == "MaxConcurrentQueriesException"
+    assert len(run(ct, f"SELECT eventID FROM {eds}")[1]) == 7
+
+
+def test_control_plane_calls_the_emulator_lacks_are_unknown_operations(known):
+    with pytest.raises(ClientError) as unknown:
+        lake(known).create_event_data_store(Name="mine")
+    assert error_code(unknown) == "UnknownOperationException"

@@ -8,7 +8,7 @@ signing region scoping what is seen). Operations: StartQuery, DescribeQuery, Get
 GetEventDataStore, ListChannels, GetChannel; shapes as in botocore's service model. Errors are
 status 400 (auth errors keep their own), ``x-amzn-ErrorType: <Code>`` and body
 ``{"__type": "<Code>", "message": "..."}``, as botocore parses them; an operation the emulator
-does not have is ``UnknownOperationException``.
+does not have, or a target sent other than as ``POST /``, is ``UnknownOperationException``.
 
 Before running, StartQuery checks the statement (``translate``) and binds it in DuckDB, so a
 bad query is refused at once with ``InvalidQueryStatementException``; errors found while running
@@ -85,6 +85,8 @@ class ControlPlane:
         target = headers.get("X-Amz-Target", "")
         operation = self._operations.get(target[len(TARGET_PREFIX):]) if target.startswith(
             TARGET_PREFIX) else None
+        if method != "POST" or raw_path.split("?")[0] != "/":
+            operation = None  # JSON 1.1 operations are POST /
         if operation is None:
             return _error("UnknownOperationException",
                           f"The emulator does not implement {target[:200]}.")
@@ -118,7 +120,7 @@ class ControlPlane:
             query = self._start(params["sql"], None)
         except LakeError as exc:
             return failed(exc.code, exc.message)
-        query = self.queries.wait(query.id, self.queries.timeout + 5.0)
+        query = self.queries.wait(query, self.queries.timeout + 5.0)
         if query.status != "FINISHED":
             return failed(query.status, query.error or f"The query ended {query.status}.",
                           query_id=query.id)

@@ -15,8 +15,9 @@ Contract:
 - ``bind(sql)`` plans without running and returns the result's column names, or raises
   ``LakeError("InvalidQueryStatementException")`` with DuckDB's message (unknown column or
   function, type errors).
-- ``run(cursor, sql, max_rows)`` executes and returns (columns, rows of rendered strings); more
-  than ``max_rows`` rows raises ``TooManyRows``. ``cursor.interrupt()`` from another thread ends
+- ``run(cursor, sql, max_rows)`` executes and returns (columns, rows of rendered strings, their
+  size in bytes); more than ``max_rows`` rows or ``MAX_RESULT_BYTES`` of values raises
+  ``TooManyRows``. ``cursor.interrupt()`` from another thread ends
   it with ``duckdb.InterruptException``.
 """
 
@@ -33,6 +34,8 @@ from .catalog import EventDataStore, LakeError
 from .columns import INSERT_SQL, TABLE_DDL, render, store_view_sql
 
 LOAD_BATCH = 5_000
+FETCH_BATCH = 1_000
+MAX_RESULT_BYTES = 64 * 1024 * 1024  # of rendered values, per query
 log = logging.getLogger("cloudtrail_sink.emulator")
 
 
@@ -129,14 +132,24 @@ class Engine:
             cur.close()
 
     def run(self, cursor: duckdb.DuckDBPyConnection, sql: str, max_rows: int
-            ) -> tuple[list[str], list[list[str | None]]]:
+            ) -> tuple[list[str], list[list[str | None]], int]:
         cursor.execute(sql)
         columns = [d[0] for d in cursor.description or ()]
-        rows = cursor.fetchmany(max_rows + 1)
-        if len(rows) > max_rows:
-            raise TooManyRows(f"The query returned more than {max_rows} rows; add LIMIT or "
-                              "narrow it down.")
-        return columns, [[render(value) for value in row] for row in rows]
+        rows: list[list[str | None]] = []
+        size = 0
+        while batch := cursor.fetchmany(FETCH_BATCH):
+            for row in batch:
+                rendered = [render(value) for value in row]
+                size += sum(len(v) for v in rendered if v is not None) + 8 * len(rendered)
+                rows.append(rendered)
+            if len(rows) > max_rows:
+                raise TooManyRows(f"The query returned more than {max_rows} rows; add LIMIT or "
+                                  "narrow it down.")
+            if size > MAX_RESULT_BYTES:
+                raise TooManyRows(f"The query's result is larger than "
+                                  f"{MAX_RESULT_BYTES // 2**20} MB; select fewer columns or "
+                                  "rows.")
+        return columns, rows, size
 
     def message(self, exc: Exception) -> str:
         """DuckDB's message, its first lines only (views are named as their stores)."""

@@ -10,8 +10,9 @@ Contract:
   and its end awaited up to ``CANCEL_WAIT`` seconds); a query that already ended raises
   ``InactiveQueryException``.
 - ``get(id, region)`` raises ``QueryIdNotFoundException`` for an unknown id, an id started in
-  another region, or one forgotten: only the newest ``keep`` ended queries are kept.
-- ``wait(id, timeout)`` blocks until the query ended (or the timeout passed).
+  another region, or one forgotten: only the newest ``keep`` ended queries are kept, and only
+  while their results take at most ``MAX_KEPT_BYTES`` together (the newest always stays).
+- ``wait(query, timeout)`` blocks until the query ended (or the timeout passed).
 - ``hold()`` (a context manager, for tests) keeps submitted queries ``QUEUED`` until it exits.
 - ``close()`` cancels what is queued or running and joins every thread it started.
 A watchdog thread interrupts queries past their deadline and repeats interrupts until they end
@@ -38,6 +39,7 @@ from .translate import Translated
 ENDED = ("FINISHED", "FAILED", "TIMED_OUT", "CANCELLED")
 WATCH_INTERVAL = 0.05
 CANCEL_WAIT = 2.0
+MAX_KEPT_BYTES = 256 * 1024 * 1024  # results of ended queries, all together
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Query:
     columns: list[str] = field(default_factory=list)
     rows: list[list[str | None]] = field(default_factory=list)
     error: str | None = None
+    result_bytes: int = 0
     events_scanned: int = 0
     bytes_scanned: int = 0
     started: float | None = None        # monotonic
@@ -132,9 +135,8 @@ class QueryStore:
             self._cond.wait_for(lambda: query.status in ENDED, CANCEL_WAIT)
         return query
 
-    def wait(self, query_id: str, timeout: float) -> Query:
+    def wait(self, query: Query, timeout: float) -> Query:
         with self._cond:
-            query = self._queries[query_id]
             self._cond.wait_for(lambda: query.status in ENDED or self._closed, timeout)
             return query
 
@@ -185,10 +187,10 @@ class QueryStore:
             query = self._next()
             if query is None:
                 return
-            status, error, columns, rows = "FINISHED", None, [], []
+            status, error, columns, rows, size = "FINISHED", None, [], [], 0
             try:
                 query.events_scanned, query.bytes_scanned = self.engine.size(query.stores)
-                columns, rows = self.engine.run(query.cursor, query.sql, self.max_rows)
+                columns, rows, size = self.engine.run(query.cursor, query.sql, self.max_rows)
             except duckdb.InterruptException:
                 status = "CANCELLED" if query.cancel_requested else "TIMED_OUT"
                 error = (None if status == "CANCELLED" else
@@ -208,7 +210,9 @@ class QueryStore:
                 if status == "FINISHED" and query.cancel_requested:
                     status = "CANCELLED"  # asked to stop: the caller was told CANCELLED
                 query.columns, query.rows, query.error = columns, rows, error
+                query.result_bytes = size
                 self._end(query, status)
+                self._forget_old()
                 self._cond.notify_all()
 
     def _watch(self) -> None:
@@ -232,9 +236,14 @@ class QueryStore:
         query.ended = time.monotonic()
 
     def _forget_old(self) -> None:
-        ended = [q.id for q in self._queries.values() if q.status in ENDED]
-        for query_id in ended[:max(0, len(ended) - self.keep)]:
-            del self._queries[query_id]
+        """Forget the oldest ended queries beyond ``keep`` or ``MAX_KEPT_BYTES`` of results."""
+        ended = [q for q in self._queries.values() if q.status in ENDED]
+        kept = sum(q.result_bytes for q in ended)
+        for index, query in enumerate(ended):
+            if len(ended) - index <= self.keep and kept <= MAX_KEPT_BYTES:
+                break
+            kept -= query.result_bytes
+            del self._queries[query.id]
 
 
 def _interrupt(query: Query) -> None:
