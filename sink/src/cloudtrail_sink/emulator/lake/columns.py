@@ -25,9 +25,7 @@ Contract:
 from __future__ import annotations
 
 import datetime as _dt
-import decimal
 import json
-import uuid
 
 PUBLIC_COLUMNS = ("eventVersion", "eventCategory", "eventType", "eventID", "eventTime",
                   "awsRegion", "recipientAccountId", "metadata", "eventData")
@@ -84,11 +82,11 @@ def render(value) -> str | None:
         return "true" if value else "false"
     if isinstance(value, _dt.datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}"
-    if isinstance(value, (str, int, float, decimal.Decimal, _dt.date, _dt.time, uuid.UUID)):
-        return str(value)
     if isinstance(value, bytes):
         return value.hex()
-    return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False)
+    return str(value)  # numbers, dates, times, intervals, UUIDs
 
 
 def _plain(value):

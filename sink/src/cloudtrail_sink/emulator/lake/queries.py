@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
 import threading
 import time
 import uuid
@@ -36,6 +37,7 @@ from .catalog import EventDataStore, LakeError
 from .engine import Engine, TooManyRows
 from .translate import Translated
 
+log = logging.getLogger("cloudtrail_sink.emulator")
 ENDED = ("FINISHED", "FAILED", "TIMED_OUT", "CANCELLED")
 WATCH_INTERVAL = 0.05
 CANCEL_WAIT = 2.0
@@ -202,6 +204,9 @@ class QueryStore:
                     status = "CANCELLED"
                 else:
                     status, error = "FAILED", self.engine.message(exc)
+            except Exception:  # a bug must not leave the query RUNNING or end a worker
+                log.exception("Lake query %s failed unexpectedly", query.id)
+                status, error = "FAILED", "The emulator hit an unexpected error running the query."
             finally:
                 with self._cond:  # the watchdog must not interrupt a closed cursor
                     cursor, query.cursor = query.cursor, None
