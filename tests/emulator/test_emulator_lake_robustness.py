@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emusupport import event_data
-from test_emulator_lake_queries import lake, page_query, run, store, store_id
+from lakesupport import lake, page_query, run, store, store_id
 
 SERVICE_CODES = {"InvalidQueryStatementException", "EventDataStoreNotFoundException",
                  "InvalidParameterException", "MaxConcurrentQueriesException"}
