@@ -4,7 +4,8 @@
 service does (the strict reading where public sources leave a choice open, see
 ``docs/emulator.md``), stores accepted events in SQLite wrapped like CloudTrail Lake, and exposes
 them at ``/_emulator/events`` and on a live page at ``/``. ``Faults`` injects throttling, 5xx
-answers, per-event failures and latency, deterministically for a given seed.
+answers, per-event failures and latency, deterministically for a given seed. The ``lake``
+package answers CloudTrail Lake's query API (``StartQuery`` ...) over the stored events.
 """
 
 from .faults import Faults

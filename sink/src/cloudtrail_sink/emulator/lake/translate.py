@@ -94,6 +94,8 @@ def _quote_store_ids(sql: str) -> str:
         tokens = sqlglot.Dialect.get_or_raise("trino").tokenize(sql)
     except TokenError as exc:
         raise invalid(f"Syntax error: {_first_line(exc)}")
+    except Exception as exc:  # the tokenizer's own bugs on odd text
+        raise invalid(f"Syntax error: the query could not be read ({type(exc).__name__}).")
     protected = [(t.start, t.end + 1) for t in tokens
                  if t.token_type in (sqlglot.TokenType.STRING, sqlglot.TokenType.IDENTIFIER)]
     out, last = [], 0
