@@ -32,7 +32,31 @@ FRAGMENTS = [
     "from_iso8601_timestamp('x')", "json_extract_scalar(", "'$.a'", "CASE WHEN", "THEN", "END",
     "INTERVAL '1' DAY", "11111111-2222-3333-4444-555555555555", "\\", "\u00e9", "\x00",
 ]
+# Queries of the right shape, so that many run (and some fail while running).
+PROJECTIONS = [
+    "*", "eventID", "eventData.UID", "count(*)", "eventData.requestParameters['a']",
+    "CAST(eventData.requestParameters['a'] AS BIGINT) / 0", "metadata", "eventData", "eventTime",
+    "from_iso8601_timestamp(eventData.eventTime)", "CAST(eventData.UID AS BIGINT)",
+    "json_extract_scalar(eventData.UID, '$.a')", "regexp_like(eventData.UID, 'r[0-9]')",
+    "date_diff('day', eventTime, metadata.ingestionTime)", "approx_distinct(eventData.UID)",
+    "element_at(eventData.requestParameters, 'missing')", "eventData.userIdentity",
+]
+CONDITIONS = [
+    "eventTime > '2021-01-01 00:00:00'", "eventData.UID LIKE 'r%'", "1 = 1",
+    "eventData.requestParameters['a'] = '1'", "eventTime > 'not a time'",
+    "eventData.UID IN ('r1', 'r2')", "metadata.ingestionTime < now()",
+]
+SHAPED = st.builds(
+    lambda projections, condition, limit: (
+        f"SELECT {', '.join(projections)} FROM {{eds}}"
+        + (f" WHERE {condition}" if condition else "")
+        + (f" LIMIT {limit}" if limit is not None else "")),
+    st.lists(st.sampled_from(PROJECTIONS), min_size=1, max_size=3),
+    st.one_of(st.none(), st.sampled_from(CONDITIONS)),
+    st.one_of(st.none(), st.integers(-1, 5)),
+)
 SQL = st.one_of(
+    SHAPED,
     st.text(min_size=1, max_size=300),
     st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=30).map(" ".join),
     st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=30).map(
