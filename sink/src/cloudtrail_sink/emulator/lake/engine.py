@@ -7,7 +7,8 @@ Contract:
   sees every event stored before it started. Loading is serialised; queries run concurrently on
   their own cursors.
 - DuckDB runs with external access off (no file, extension or network access from a query),
-  extension autoloading off, the configuration locked, time zone UTC, ``threads`` threads and
+  extension autoloading off, the configuration locked, time zone UTC, integer division of
+  integers (as Trino), ``threads`` threads and
   ``memory_limit`` of memory (no spilling to disk): a query that needs more fails with DuckDB's
   out-of-memory error; events that no longer fit (about 20,000 events of 1 KB take 25 MB) make
   ``refresh()`` raise ``LakeError("InternalFailure", status 500)``.
@@ -50,6 +51,7 @@ class Engine:
             "threads": threads,
             "memory_limit": memory_limit,
             "temp_directory": "",  # no spilling to files: over the limit is an error
+            "integer_division": True,  # as Trino: 7 / 2 = 3 (sqlglot does not rewrite it)
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
         })

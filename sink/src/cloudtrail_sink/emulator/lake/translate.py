@@ -11,7 +11,8 @@ Contract of ``translate(sql, resolve)``:
   Any other table (qualified names, table functions such as ``read_csv``) is refused, naming it.
   A query must read at least one store.
 - Trino's syntax and functions are transpiled by sqlglot; what sqlglot cannot express in DuckDB
-  is refused naming the construct (sqlglot's unsupported-syntax errors).
+  is refused naming the construct (sqlglot's unsupported-syntax errors), as is what it would
+  silently drop (``FETCH ... WITH TIES``).
 - The outermost projections get Trino's result names: the alias, else the column or last field
   name, else ``_colN`` (N counts from 0).
 - Syntax errors raise ``InvalidQueryStatementException`` with sqlglot's description and the
@@ -70,6 +71,11 @@ def translate(sql: str, resolve: Callable[[str], EventDataStore]) -> Translated:
     for select in tree.find_all(exp.Select):
         if select.args.get("into") is not None:
             raise invalid("SELECT ... INTO is not allowed: only SELECT statements are.")
+    for fetch in tree.find_all(exp.Fetch):
+        options = fetch.args.get("limit_options")
+        if options is not None and (options.args.get("with_ties") or options.args.get("percent")):
+            # sqlglot would drop these silently and change the result
+            raise invalid("FETCH FIRST ... WITH TIES / PERCENT is not supported by the emulator.")
     ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
     stores: dict[str, EventDataStore] = {}
     for table in list(tree.find_all(exp.Table)):
