@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import time
 
+import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from emusupport import ACCOUNT, CHANNEL_ARN, event_data, signed_request
+from emusupport import ACCOUNT, CHANNEL_ARN, KEY, NO_RETRIES, SECRET, event_data, signed_request
 from lakesupport import error_code, lake, page_query, run, store, store_id, wait_ended
 
 # (UID, principal, eventName, eventTime)
@@ -332,3 +333,16 @@ def test_control_plane_calls_the_emulator_lacks_are_unknown_operations(known):
     with pytest.raises(ClientError) as unknown:
         lake(known).create_event_data_store(Name="mine")
     assert error_code(unknown) == "UnknownOperationException"
+
+
+def test_signatures_are_verified_for_the_cloudtrail_service(make_emulator):
+    emu = make_emulator(credentials=(KEY, SECRET))
+    store(emu, [event_data(uid="signed-1")])
+    ct = lake(emu)
+    assert run(ct, f"SELECT eventData.UID FROM {store_id(ct)}")[1] == [["signed-1"]]
+    forged = boto3.client("cloudtrail", endpoint_url=emu.url, region_name="us-east-1",
+                          config=NO_RETRIES, aws_access_key_id=KEY,
+                          aws_secret_access_key="not-the-secret")
+    with pytest.raises(ClientError) as refused:
+        forged.list_event_data_stores()
+    assert error_code(refused) == "InvalidSignatureException"
