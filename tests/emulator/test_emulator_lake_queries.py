@@ -6,7 +6,9 @@ way code for the real service writes them: start, poll DescribeQuery, page GetQu
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import time
 
 import boto3
@@ -346,3 +348,29 @@ def test_signatures_are_verified_for_the_cloudtrail_service(make_emulator):
     with pytest.raises(ClientError) as refused:
         forged.list_event_data_stores()
     assert error_code(refused) == "InvalidSignatureException"
+
+
+def test_stop_ends_a_query_a_page_request_waits_for(make_emulator):
+    emu = make_emulator()
+    store(emu, [event_data(uid="s1")])
+    eds = store_id(lake(emu))
+    answers = []
+
+    def request():
+        try:
+            answers.append(page_query(emu, json.dumps({"sql": HEAVY.format(eds=eds)}).encode()))
+        except (OSError, http.client.HTTPException):
+            answers.append(None)  # the connection was closed before the answer: also an end
+
+    waiter = threading.Thread(target=request, name="page-request")
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while emu.lake.queries.active() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    emu.stop()
+    waiter.join(10)
+    assert time.monotonic() - started < 5  # not the query's 30 s limit
+    assert not waiter.is_alive()
+    assert answers == [None] or answers[0][1]["status"] == "FAILED"

@@ -121,6 +121,7 @@ class Emulator:
         self._stopping.set()  # ends injected latency waits
         self._server.shutdown()
         self._store.release_waiters()  # ends long polls of the page
+        self.lake.queries.close()  # ends queries that page requests are waiting for
         self._server.close_connections()
         self._server.server_close()  # joins the connection threads
         self._thread.join()

@@ -14,7 +14,8 @@ Contract:
   while their results take at most ``MAX_KEPT_BYTES`` together (the newest always stays).
 - ``wait(query, timeout)`` blocks until the query ended (or the timeout passed).
 - ``hold()`` (a context manager, for tests) keeps submitted queries ``QUEUED`` until it exits.
-- ``close()`` cancels what is queued or running and joins every thread it started.
+- ``close()`` cancels what is queued or running and joins every thread it started (again:
+  nothing).
 A watchdog thread interrupts queries past their deadline and repeats interrupts until they end
 (an interrupt that lands between statements is otherwise lost).
 """
@@ -99,7 +100,7 @@ class QueryStore:
         with self._cond:
             if self._closed:
                 raise LakeError("InternalFailure", "The emulator is stopping.", 500)
-            active = sum(1 for q in self._queries.values() if q.status not in ENDED)
+            active = self.active()
             if active >= self.max_active:
                 raise LakeError("MaxConcurrentQueriesException",
                                 f"You are already running {active} queries; the emulator runs "
@@ -111,6 +112,11 @@ class QueryStore:
             self._forget_old()
             self._cond.notify_all()
             return query
+
+    def active(self) -> int:
+        """How many queries are queued or running."""
+        with self._cond:
+            return sum(1 for q in self._queries.values() if q.status not in ENDED)
 
     def get(self, query_id, region: str | None) -> Query:
         with self._cond:
