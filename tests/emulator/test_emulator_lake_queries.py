@@ -323,11 +323,12 @@ def test_limits_keep_a_hostile_query_from_hurting_the_emulator(known):
     assert described["QueryStatus"] == "FAILED"
     assert "more than 100000 rows" in described["ErrorMessage"]
     with known.lake.queries.hold():
-        for _ in range(10):
-            ct.start_query(QueryStatement=f"SELECT eventID FROM {eds}")
+        held = [ct.start_query(QueryStatement=f"SELECT eventID FROM {eds}")["QueryId"]
+                for _ in range(10)]
         with pytest.raises(ClientError) as busy:
             ct.start_query(QueryStatement=f"SELECT eventID FROM {eds}")
         assert error_code(busy) == "MaxConcurrentQueriesException"
+    assert {wait_ended(ct, query_id)["QueryStatus"] for query_id in held} == {"FINISHED"}
     assert len(run(ct, f"SELECT eventID FROM {eds}")[1]) == 7
 
 
