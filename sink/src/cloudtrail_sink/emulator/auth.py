@@ -6,7 +6,8 @@ aws4_request, SignedHeaders=..., Signature=...`` and ``X-Amz-Date``:
 - no ``Authorization`` header -> 403 ``MissingAuthenticationTokenException``;
 - not of that form, ``X-Amz-Date`` missing or malformed, scope date not the date of
   ``X-Amz-Date``, ``host`` or ``x-amz-date`` not signed -> 400 ``IncompleteSignatureException``;
-- scope service not ``cloudtrail-data`` -> 403 ``InvalidSignatureException``;
+- scope service not ``cloudtrail-data`` (``cloudtrail`` for the Lake control plane) -> 403
+  ``InvalidSignatureException``;
 - ``X-Amz-Date`` more than 15 minutes from the emulator's wall clock -> 403
   ``InvalidSignatureException`` ("Signature expired");
 - with credentials configured: another access key -> 403 ``UnrecognizedClientException``;
@@ -54,7 +55,7 @@ class Caller:
 
 def check_request(method: str, raw_path: str, headers: Mapping[str, str], body: bytes,
                   credentials: tuple[str, str] | None,
-                  now: Callable[[], _dt.datetime]) -> Caller:
+                  now: Callable[[], _dt.datetime], service: str = SERVICE) -> Caller:
     """Return who called and in which region, or raise ``AuthError``."""
     header = headers.get("Authorization")
     if header is None:
@@ -72,9 +73,9 @@ def check_request(method: str, raw_path: str, headers: Mapping[str, str], body: 
     if "host" not in signed or "x-amz-date" not in signed:
         raise AuthError(400, "IncompleteSignatureException",
                         "SignedHeaders must include host and x-amz-date")
-    if match["service"] != SERVICE:
+    if match["service"] != service:
         raise AuthError(403, "InvalidSignatureException",
-                        f"Credential should be scoped to correct service: '{SERVICE}'.")
+                        f"Credential should be scoped to correct service: '{service}'.")
     if match["date"] != amz_date[:8]:
         raise AuthError(400, "IncompleteSignatureException",
                         "Credential scope date does not match X-Amz-Date")
@@ -93,7 +94,7 @@ def check_request(method: str, raw_path: str, headers: Mapping[str, str], body: 
             raise AuthError(403, "UnrecognizedClientException",
                             "The security token included in the request is invalid.")
         expected = _signature(method, raw_path, headers, body, signed, amz_date,
-                              match["region"], key, secret)
+                              match["region"], key, secret, service)
         if expected is None or not hmac.compare_digest(expected, match["signature"]):
             raise AuthError(403, "InvalidSignatureException",
                             "The request signature we calculated does not match the signature "
@@ -102,8 +103,8 @@ def check_request(method: str, raw_path: str, headers: Mapping[str, str], body: 
 
 
 def _signature(method: str, raw_path: str, headers: Mapping[str, str], body: bytes,
-               signed: list[str], amz_date: str, region: str, key: str, secret: str
-               ) -> str | None:
+               signed: list[str], amz_date: str, region: str, key: str, secret: str,
+               service: str) -> str | None:
     """The signature botocore would compute for this request, or None if it cannot be rebuilt."""
     values = {}
     for name in signed:
@@ -117,6 +118,6 @@ def _signature(method: str, raw_path: str, headers: Mapping[str, str], body: byt
     request = AWSRequest(method=method, url=f"http://{values['host']}{raw_path}", data=body,
                          headers=values)
     request.context["timestamp"] = amz_date
-    signer = SigV4Auth(Credentials(key, secret), SERVICE, region)
+    signer = SigV4Auth(Credentials(key, secret), service, region)
     canonical = signer.canonical_request(request)
     return signer.signature(signer.string_to_sign(request, canonical), request)

@@ -62,6 +62,10 @@ class Channels:
             return True
         return given is not None and hmac.compare_digest(given.encode(), wanted.encode())
 
+    def configured(self) -> list[str]:
+        """The configured channel ARNs (none in open mode)."""
+        return list(self._external)
+
     def describe(self) -> list[str]:
         if self.open:
             return ["any well-formed channel ARN (open mode: no --channel given)"]

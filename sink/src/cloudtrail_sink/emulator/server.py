@@ -12,7 +12,10 @@ Routes (``ROUTES``; each has a body cap, larger bodies are refused with 413):
   first), ``/_emulator/event?id=``, ``/_emulator/refusal?seq=``, ``/_emulator/summary`` (stored
   and since-start counters; can wait for a change), ``/_emulator/rates`` (per second);
 - ``GET /_emulator/stats``; ``GET``/``PUT /_emulator/faults`` (PUT needs ``Authorization: Bearer
-  <admin token>`` when one is set); ``GET /healthz``; ``GET /`` the console page.
+  <admin token>`` when one is set); ``GET /healthz``; ``GET /`` the console page;
+- ``POST /`` with ``X-Amz-Target: ...CloudTrail_20131101.<Operation>`` (the ``cloudtrail``
+  control plane's Lake queries) and ``POST /_emulator/query`` (the page's query box) ->
+  ``lake``.
 
 The page and ``/_emulator/*`` answer only requests whose ``Host`` names an allowed host (loopback
 names and the listen address by default), so a web page elsewhere cannot reach them through DNS
@@ -51,6 +54,7 @@ from .channels import Channels
 from .checker import CheckerPool
 from .faults import FaultDice, Faults
 from .ingest import ApiError, PutAuditEvents, time_text
+from .lake import TARGET_PREFIX, Lake
 from .quota import CallQuota
 from .stats import Stats
 from .storage import MAX_CURSOR, MAX_PAGE, EventStore, Filters, RefusalRow, read_page
@@ -60,6 +64,7 @@ log = logging.getLogger("cloudtrail_sink.emulator")
 MAX_BODY = 1_000_000
 DRAIN_LIMIT = 16 * 1024 * 1024  # larger PutAuditEvents bodies are not read: the connection closes
 SMALL_BODY = 64 * 1024  # every other route: larger bodies are refused (413) and not read
+LAKE_MAX_BODY = 256 * 1024  # a QueryStatement is at most 10,000 characters
 DEFAULT_PAGE = 1000
 CONSOLE_PAGE = 50
 MAX_WAIT = 25.0
@@ -77,7 +82,8 @@ class Emulator:
                  credentials: tuple[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic, workers: int | None = 0,
                  admin_token: str | None = None, allowed_hosts: Iterable[str] | None = None,
-                 max_connections: int = 128, connection_timeout: float = 30.0) -> None:
+                 max_connections: int = 128, connection_timeout: float = 30.0,
+                 query_timeout: float = 30.0) -> None:
         self.db_path = db_path
         self.host = host
         self._requested_port = port
@@ -102,6 +108,8 @@ class Emulator:
         self.max_connections = max_connections
         self.connection_timeout = connection_timeout
         self._stats = Stats()
+        self.query_timeout = query_timeout  # seconds a Lake query may run
+        self.lake: Lake | None = None
         self._store: EventStore | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -117,9 +125,12 @@ class Emulator:
         self._checker = CheckerPool(self.workers)
         self._put = PutAuditEvents(self._store, self.channels, self.quota, self.dice,
                                    self._checker, lambda: self.wall_clock())
+        self.lake = Lake(self._store, self.channels, self.credentials, lambda: self.wall_clock(),
+                         self.query_timeout)
         try:
             self._server = _Server((self.host, self._requested_port), _Handler, self)
         except BaseException:
+            self.lake.close()
             self._store.close()
             raise
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -144,10 +155,12 @@ class Emulator:
         self._stopping.set()  # ends injected latency waits
         self._server.shutdown()
         self._store.release_waiters()  # ends long polls of the page
+        self.lake.queries.close()  # ends queries that page requests are waiting for
         self._server.close_connections()
         self._server.server_close()  # joins the connection threads
         self._thread.join()
         self._checker.close()
+        self.lake.close()
         self._store.close()
         self._server = None
         log.info("emulator stopped")
@@ -359,6 +372,8 @@ class _Handler(BaseHTTPRequestHandler):
             route = ROUTES.get((self.command, parts.path))
             if parts.path == "/PutAuditEvents":
                 route = ROUTES[("POST", "/PutAuditEvents")]  # it answers other methods itself
+            elif self.headers.get("X-Amz-Target", "").startswith(TARGET_PREFIX):
+                route = LAKE_API  # the cloudtrail control plane answers on any path
             if route is None or route.body_cap is not None:
                 body = self._read_body(route.body_cap if route else SMALL_BODY)
                 if body is None:
@@ -423,6 +438,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.emulator._store.add_refusals([RefusalRow(
             time_text(self.server.emulator.wall_clock()), "request", arn, self.request_id, None,
             exc.code, exc.message)])
+
+    # Lake queries ----------------------------------------------------------------------------
+    def _lake_api(self, _query: str, body: bytes):
+        answer = self.server.emulator.lake.api.handle(self.command, self.path, self.headers, body)
+        self._send(answer.status, answer.body, answer.content_type, answer.headers)
+
+    def _lake_page(self, _query: str, body: bytes):
+        answer = self.server.emulator.lake.api.page_query(body)
+        self._send(answer.status, answer.body, answer.content_type, answer.headers)
 
     def _delay(self, emulator: Emulator):
         latency = emulator.faults.latency_ms
@@ -605,7 +629,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/_emulator/faults"): Route(
         lambda h, q, b: h._json(200, h.server.emulator.faults.to_dict())),
     ("PUT", "/_emulator/faults"): Route(_Handler._put_faults),
+    ("POST", "/_emulator/query"): Route(_Handler._lake_page, LAKE_MAX_BODY),
 }
+# Signed cloudtrail control-plane calls (X-Amz-Target), on any path; signed, so any Host.
+LAKE_API = Route(_Handler._lake_api, LAKE_MAX_BODY, console=False)
 
 
 class ApiErrorBeforeBody(ApiError):
