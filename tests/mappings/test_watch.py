@@ -106,6 +106,15 @@ def test_messages_name_the_file_relative_to_the_display_root(project, capsys):
     assert str(project) not in err
 
 
+def test_every_file_a_message_names_is_shown_relative_to_the_display_root(project, capsys):
+    (project / "mappings" / "20-again.yaml").write_text(app("Login"))  # the same rule name
+    assert main(["mappings", "compile", str(project / "mappings"), "-o",
+                 str(project / "rules.lua"), "--display-root", str(project)]) == 1
+    err = capsys.readouterr().err
+    assert "mappings/20-again.yaml:2: name: rule name 'app-login' is already used in " \
+           "mappings/10-app.yaml" in err, err
+
+
 def test_later_folders_add_rules_and_replace_files_of_the_same_name(tmp_path):
     shipped, mine = tmp_path / "shipped", tmp_path / "mine"
     shipped.mkdir()

@@ -64,9 +64,12 @@ def _renamer(files: list[pathlib.Path], display_root: str | None):
         if os.path.commonpath([root, full]) == root:
             names[str(f)] = os.path.relpath(full, root)
 
+    order = sorted(names, key=len, reverse=True)  # a message may name another file too
+
     def rename(line: str) -> str:
-        head, sep, rest = line.partition(":")
-        return names.get(head, head) + sep + rest
+        for full in order:
+            line = line.replace(full, names[full])
+        return line
     return rename
 
 
