@@ -166,6 +166,18 @@ def test_watch_publishes_good_builds_and_keeps_the_last_good_file_on_a_broken_ed
     assert watch.step() == "published" and event_name(out) == "SignIn"
 
 
+def test_an_output_that_cannot_be_written_is_reported_and_retried(project, capsys):
+    out = project / "missing" / "rules.lua"
+    assert main(["mappings", "compile", str(project / "mappings"), "-o", str(out)]) == 1
+    assert f"{out}: cannot write: No such file or directory" in capsys.readouterr().err
+    log = io.StringIO()
+    watch = MappingsWatch([str(project / "mappings")], str(out), build, clock=FakeClock(),
+                          out=log)
+    assert watch.step() == "failed" and "cannot write" in log.getvalue()
+    out.parent.mkdir()
+    assert watch.step() == "published" and event_name(out) == "Login"
+
+
 def test_watch_polls_as_a_backstop_when_no_event_arrives(project):
     clock = FakeClock()
     watch = MappingsWatch([str(project / "mappings")], str(project / "rules.lua"), build,

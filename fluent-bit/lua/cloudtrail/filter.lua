@@ -25,7 +25,7 @@
 --     {"state": "ok"|"error", "mappings": path, "rules": n, "loaded_at": epoch seconds of the
 --     rules in use, "error": why the newest file was refused, "error_at": when}.
 --   f:process(tag, timestamp, record) -> code, timestamp, record   (filter_lua's contract)
---     * tick tag: seal what is older than the age limit; return -1.
+--     * tick tag: seal what is older than the age limit, reload changed mappings; return -1.
 --     * otherwise: map with the first matching rule; the event (eventData must be a table
 --       with a string UID; every string valid UTF-8) is appended to the open segment as
 --       {"eventData", "tag", "time"}; a record no rule maps, or whose mapping or encoding fails,
@@ -240,7 +240,7 @@ end
 function Filter:write_status()
   local fields = {
     state = self.status_error and "error" or "ok",
-    mappings = self.cfg.mappings,
+    mappings = safe_text(self.cfg.mappings),
     rules = self.mapper and self.rules or 0,
   }
   if self.mapper then fields.loaded_at = self.loaded_at end

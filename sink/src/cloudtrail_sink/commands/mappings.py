@@ -7,12 +7,12 @@ runs every file's ``examples:`` (``--no-examples`` skips them) and writes the da
 atomically (temporary file + rename, so the filter's live reload never reads half a file).
 Problems are printed one per line as ``FILE:LINE: FIELD: MESSAGE`` (FILE relative to
 ``--display-root`` when given); exit 1 and nothing written when there is any.
+``--event-version`` / ``--account-id`` add ``version`` / ``recipientAccountId`` to every rule
+that does not set them (the sink fills both when absent, so they are optional).
 
 ``mappings watch [PATH...] -o FILE.lua`` does the same at start and again whenever a source
 changes (watchdog, debounced), until SIGTERM/SIGINT (exit 0). A broken edit prints its problems
 and leaves FILE as it was: the last good rules stay live (``mappings.watch``).
-``--event-version`` / ``--account-id`` add ``version`` / ``recipientAccountId`` to every rule
-that does not set them (the sink fills both when absent, so they are optional).
 
 ``mappings test --tag TAG [RECORD.json|-] [-m PATH...] [--time EPOCH]`` maps one record (a JSON
 object; a file of JSON lines maps each line) with the real Lua code and prints the eventData as
@@ -124,7 +124,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         built = _builder(args, defaults)(args.paths or _default_paths())
     except CompileError as exc:
         return _report(exc)
-    write_atomic(args.output, built.text)
+    try:
+        write_atomic(args.output, built.text)
+    except OSError as exc:
+        print(f"{args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"{args.output}: {built.rules} rules from {built.files} file(s), "
           f"{built.examples} examples passed", file=sys.stderr)
     return 0

@@ -9,7 +9,8 @@ Contract:
   unchanged -> ``"unchanged"``. Otherwise it builds: a good build is written to ``output``
   atomically (``"published"``); a failing one prints every ``FILE:LINE: FIELD: MESSAGE`` and
   leaves ``output`` exactly as it was, the last good rules (``"failed"``). A given content is
-  built once: a broken edit is reported once, not at every event.
+  built once: a broken edit is reported once, not at every event. If ``output`` cannot be
+  written, that is printed and the next step (event or poll) tries again (``"failed"``).
 * ``poke()`` (from any thread): a source may have changed; the build runs once no further event
   came for ``debounce`` seconds (an editor's save is several events).
 * ``due(now) -> bool``: whether a step should run at ``now``: the debounce has passed, or
@@ -67,7 +68,12 @@ class MappingsWatch:
                     else "nothing published yet")
             self._say(f"{self.output}: {len(exc.problems)} problem(s); {kept}")
             return "failed"
-        write_atomic(self.output, built.text)
+        try:
+            write_atomic(self.output, built.text)
+        except OSError as exc:
+            self._attempted = None  # the sources are fine: try again at the next step
+            self._say(f"{self.output}: cannot write: {exc.strerror or exc}")
+            return "failed"
         self._say(f"{self.output}: published {built.rules} rules from {built.files} file(s), "
                   f"{built.examples} examples passed")
         return "published"
