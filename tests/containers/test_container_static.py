@@ -184,6 +184,13 @@ def rendered(request):
     return kustomize_render.render(REPO / request.param)
 
 
+# The per-node install: the base and the overlays that only adjust it.
+@pytest.fixture(scope="module", params=["deploy/kubernetes", "deploy/kubernetes/overlays/eks-irsa",
+                                        "deploy/kubernetes/overlays/custom-mappings"])
+def rendered_daemonset(request):
+    return kustomize_render.render(REPO / request.param)
+
+
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS)
 def test_the_fallback_renderer_agrees_and_refuses_files_outside_the_folder(folder, tmp_path):
     def names(docs):
@@ -218,7 +225,8 @@ def one(docs, kind, name_prefix=""):
     return found[0]
 
 
-def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered):
+def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered_daemonset):
+    rendered = rendered_daemonset
     ds = one(rendered, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
