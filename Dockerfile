@@ -5,8 +5,11 @@
 #
 # `sink` runs `cloudtrail-sink` (also the emulator: `cloudtrail-sink emulator ...`) as uid 10001;
 # `fluent-bit` is the official Fluent Bit image plus our YAML config, Lua filter and the mapping
-# rules of mappings/*.yaml compiled during the build (a broken rule fails the build with the
-# compiler's message). Base images are build args so a mirror or a locally made image can stand
+# rules of mappings/*.yaml compiled during the build (a broken rule or a failing `examples:` entry
+# fails the build with the compiler's `mappings/FILE.yaml:LINE: ...` message). The sink image
+# also carries mappings/*.yaml (/usr/share/cloudtrail-lake-shipper/mappings) for
+# `cloudtrail-sink mappings watch` (the compose `mappings` service, the Kubernetes sidecar).
+# Base images are build args so a mirror or a locally made image can stand
 # in; pip settings (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, PIP_TRUSTED_HOST, PIP_CERT) may be
 # passed as build args for private mirrors. See docs/deploy.md.
 #
@@ -57,8 +60,10 @@ RUN groupadd --system --gid 10001 cloudtrail \
       --shell /usr/sbin/nologin cloudtrail \
  && install -d -m 2770 -o 10001 -g 10001 /var/spool/cloudtrail /var/spool/cloudtrail/tmp \
       /var/spool/cloudtrail/ready /var/spool/cloudtrail/failed /var/spool/cloudtrail/rejected \
-      /var/spool/cloudtrail/quarantine /var/lib/cloudtrail-emulator
+      /var/spool/cloudtrail/quarantine /var/lib/cloudtrail-emulator \
+ && install -d -m 0755 -o 10001 -g 10001 /var/lib/cloudtrail-mappings
 COPY --from=sink-build /opt/cloudtrail-sink /opt/cloudtrail-sink
+COPY mappings/ /usr/share/cloudtrail-lake-shipper/mappings/
 USER 10001:10001
 
 # ---------------------------------------------------------------------------------------------
@@ -67,10 +72,13 @@ USER 10001:10001
 # so that `--target sink` does not need it.
 FROM sink-build AS mappings
 COPY mappings/ /src/mappings/
+# --display-root: messages name mappings/40-sshd.yaml, as in the repository, not /src/mappings/...
 RUN mkdir -p /out \
- && /opt/cloudtrail-sink/bin/cloudtrail-sink mappings compile /src/mappings -o /out/mappings.lua \
+ && /opt/cloudtrail-sink/bin/cloudtrail-sink mappings compile /src/mappings --display-root /src \
+      -o /out/mappings.lua \
  && install -d -m 2770 -o 10001 -g 10001 /out/spool /out/spool/tmp /out/spool/ready \
-      /out/spool/failed /out/spool/rejected /out/spool/quarantine /out/fluent-bit-state
+      /out/spool/failed /out/spool/rejected /out/spool/quarantine /out/fluent-bit-state \
+ && install -d -m 0755 -o 10001 -g 10001 /out/compiled-mappings
 
 # ---------------------------------------------------------------------------------------------
 # Fluent Bit with our configuration. The official image is distroless (no shell): COPY only.
@@ -87,6 +95,9 @@ COPY --from=mappings --chown=10001:10001 /out/spool/ /var/spool/cloudtrail/
 # Tail positions: /fluent-bit/state (fluent-bit.yaml), /var/lib/fluent-bit (the Kubernetes one).
 COPY --from=mappings --chown=10001:10001 /out/fluent-bit-state/ /fluent-bit/state/
 COPY --from=mappings --chown=10001:10001 /out/fluent-bit-state/ /var/lib/fluent-bit/
+# Mount point of the compose `compiled-mappings` volume: owned by 10001 in both images, so a
+# fresh volume is writable by `mappings watch` whichever container mounts it first.
+COPY --from=mappings --chown=10001:10001 /out/compiled-mappings/ /var/lib/cloudtrail-mappings/
 ENV CLOUDTRAIL_SPOOL_DIR=/var/spool/cloudtrail \
     CLOUDTRAIL_MAPPINGS=/fluent-bit/etc/mappings.lua
 CMD ["-c", "/fluent-bit/etc/fluent-bit.yaml"]

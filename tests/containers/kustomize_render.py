@@ -1,12 +1,13 @@
 """Render the kustomizations of deploy/kubernetes: `kubectl kustomize`, else a small renderer.
 
-:func:`render` runs ``kubectl kustomize --load-restrictor LoadRestrictionsNone DIR`` when kubectl
-is on PATH (it embeds kustomize), exactly the command docs/deploy.md gives users.
+:func:`render` runs ``kubectl kustomize DIR`` when kubectl is on PATH (it embeds kustomize), with
+no flag: what ``kubectl apply -k DIR`` (docs/deploy.md) and GitOps tools do. kustomize's default
+load restrictor refuses a file outside the kustomization's folder, and so does the fallback.
 
 Without kubectl, :func:`render_minimal` renders the subset of kustomize these manifests use, so
 the schema checks still run: ``resources`` (files and folders holding a kustomization),
 ``namespace``, ``labels`` (``pairs``, without selectors), ``configMapGenerator`` (``files``,
-``envs``, ``behavior: replace``), ``images`` (``newName``, ``newTag``) and ``patches`` (inline
+``envs``, ``behavior: replace``, ``options.disableNameSuffixHash``), ``images`` (``newName``, ``newTag``) and ``patches`` (inline
 JSON6902 ``add`` / ``replace`` operations with a ``kind`` + ``name`` target). Generated
 ConfigMaps keep their plain names (no hash suffix); anything else it meets is an error, so a
 kustomization that outgrows it fails loudly rather than renders wrong.
@@ -27,8 +28,7 @@ SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "labels", "configMa
 
 def render(folder: pathlib.Path) -> list[dict]:
     if shutil.which("kubectl"):
-        proc = subprocess.run(["kubectl", "kustomize", "--load-restrictor",
-                               "LoadRestrictionsNone", str(folder)],
+        proc = subprocess.run(["kubectl", "kustomize", str(folder)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"kubectl kustomize {folder} failed:\n{proc.stderr}")
@@ -46,14 +46,24 @@ def _env_file(path: pathlib.Path) -> dict[str, str]:
     return data
 
 
+def _inside(folder: pathlib.Path, item: str) -> pathlib.Path:
+    path = (folder / item).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder}: {item} is not in or below the kustomization's folder "
+                         "(kustomize's load restrictor refuses it)")
+    return path
+
+
 def _generate(folder: pathlib.Path, spec: dict) -> dict:
     data: dict[str, str] = {}
     for item in spec.get("files", []):
-        path = folder / item
+        path = _inside(folder, item)
         data[path.name] = path.read_text()
     for item in spec.get("envs", []):
-        data.update(_env_file(folder / item))
-    unknown = set(spec) - {"name", "files", "envs", "behavior"}
+        data.update(_env_file(_inside(folder, item)))
+    unknown = set(spec) - {"name", "files", "envs", "behavior", "options"}
+    if set(spec.get("options", {})) - {"disableNameSuffixHash"}:
+        raise ValueError(f"{folder}: configMapGenerator options not supported: {spec['options']}")
     if unknown:
         raise ValueError(f"{folder}: configMapGenerator fields not supported: {sorted(unknown)}")
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": spec["name"]},

@@ -7,8 +7,9 @@ arg): that proves every COPY finds its source and the image holds what the confi
 reads by default, the spool and tail-position folders with the shared owner). Running Fluent
 Bit itself is not tested here (its Lua is, under LuaJIT: tests/lua).
 
-What a user relies on: a broken rule in mappings/*.yaml fails the build (so `docker compose up
---build` keeps the running pipeline) and the message names the file and line.
+What a user relies on: a broken rule in mappings/*.yaml, or a rule changed without its
+`examples:`, fails the build (so `docker compose up --build` keeps the running pipeline) and the
+message names the file and line as the user knows it (`mappings/...`, not `/src/mappings/...`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,26 @@ def test_a_broken_mapping_fails_the_build_naming_file_and_line(
         dockerkit.build_image("cloudtrail-test/mappings-broken:latest", "mappings",
                               build_args(base_image, wheelhouse_url), context=context)
     output = failed.value.output
-    assert "45-broken.yaml:" in output, output[-3000:]
+    problems = [line for line in output.splitlines() if "45-broken.yaml:" in line]
+    assert problems and all("mappings/45-broken.yaml:" in line and "/src/" not in line
+                            for line in problems), output[-3000:]
     assert "eventName" in output, output[-3000:]
+
+
+def test_a_rule_changed_without_its_example_fails_the_build(
+        sink_image, base_image, wheelhouse_url, tmp_path):
+    context = copy_context(tmp_path / "context")
+    sshd = context / "mappings" / "40-sshd.yaml"
+    text = sshd.read_text()
+    assert "eventName: AcceptedLogin\n" in text
+    sshd.write_text(text.replace("eventName: AcceptedLogin\n", "eventName: SignedIn\n", 1))
+
+    with pytest.raises(dockerkit.BuildFailed) as failed:
+        dockerkit.build_image("cloudtrail-test/mappings-example:latest", "mappings",
+                              build_args(base_image, wheelhouse_url), context=context)
+    output = failed.value.output
+    assert "mappings/40-sshd.yaml:" in output and ": examples: " in output, output[-3000:]
+    assert "SignedIn" in output, output[-3000:]
 
 
 def test_fluent_bit_stage_holds_config_filter_mappings_and_shared_folders(

@@ -8,9 +8,14 @@ No engine needed. What a user relies on:
 - `docker-compose config` (Compose v1, the oldest we support) accepts compose.yaml, and the
   rendered project keeps the spool and Fluent Bit's tail positions on named volumes, sends to
   the emulator by default and to real CloudTrail with the documented .env;
-- the rendered kustomizations validate against the Kubernetes schemas, and the DaemonSet keeps
+- compose runs a `mappings` service that compiles the host's ./mappings into a volume Fluent
+  Bit reads, so an edited rule applies with no `--build`;
+- `kubectl kustomize` renders the base and every overlay with NO flag (as `kubectl apply -k` and
+  GitOps tools do), the result validates against the Kubernetes schemas, and the DaemonSet keeps
   its promises (hostPath spool and positions, probes on the real health endpoints, least
-  privilege, a grace period longer than the components', every mapping file in the ConfigMap);
+  privilege, a grace period longer than the components', a `mappings` sidecar watching the
+  shipped rules and the ConfigMap mounted in place, with a name that never changes);
+- the example overlay's own rules compile with the shipped ones and their examples pass;
 - the IAM policy example allows PutAuditEvents on one channel and nothing else.
 """
 
@@ -33,6 +38,9 @@ from dockerkit import unavailable
 REPO = pathlib.Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"
 K8S_VERSION = "1.30.0"
+SHIPPED_IN_SINK_IMAGE = "/usr/share/cloudtrail-lake-shipper/mappings"
+KUSTOMIZATIONS = ["deploy/kubernetes"] + sorted(
+    str(p.parent.relative_to(REPO)) for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 
 
 # Dockerfile ---------------------------------------------------------------------------------
@@ -62,8 +70,11 @@ def test_dockerfile_targets_pinned_bases_and_classic_builder():
     # The classic builder (the only one here) knows neither of these.
     assert not re.search(r"^#\s*syntax=", text, re.M | re.I)
     assert "--mount" not in text
-    # The mapping rules are compiled during the build, from the folder users edit.
-    assert re.search(r"cloudtrail-sink mappings compile /src/mappings", text)
+    # The mapping rules are compiled during the build, from the folder users edit, and named as
+    # the user knows them (mappings/40-sshd.yaml).
+    assert re.search(r"cloudtrail-sink mappings compile /src/mappings --display-root /src", text)
+    # The sink image carries the shipped rules where the Kubernetes sidecar reads them.
+    assert "COPY mappings/ " + SHIPPED_IN_SINK_IMAGE + "/" in text
     # Every file the fluent-bit stage refers to by name exists in the repository.
     for path in re.findall(r'"-c", "/fluent-bit/etc/([^"]+)"', text):
         assert (REPO / "fluent-bit" / path).is_file(), path
@@ -82,15 +93,16 @@ def compose_config(require_tool, *extra: str) -> dict:
     return yaml.safe_load(proc.stdout)
 
 
-def mounts(service: dict) -> dict[str, str]:
-    """container path -> source, for compose's short and long volume syntax."""
+def mounts(service: dict, read_only: bool = False) -> dict:
+    """container path -> source (or (source, read-only?)), for compose's short and long syntax."""
     out = {}
     for vol in service.get("volumes", []):
         if isinstance(vol, str):
-            source, target = vol.split(":")[:2]
+            source, target, *mode = vol.split(":")
+            ro = mode == ["ro"]
         else:
-            source, target = vol.get("source"), vol["target"]
-        out[target] = source
+            source, target, ro = vol.get("source"), vol["target"], bool(vol.get("read_only"))
+        out[target] = (source, ro) if read_only else source
     return out
 
 
@@ -126,6 +138,28 @@ def test_compose_config_accepts_compose_yaml_and_defaults_to_the_emulator(requir
         assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
 
 
+def test_compose_mappings_service_feeds_fluent_bit_live_from_the_hosts_mappings(require_tool):
+    services = compose_config(require_tool)["services"]
+    watch, fb = services["mappings"], services["fluent-bit"]
+    command = watch["command"]
+    assert command[:2] == ["mappings", "watch"]
+    output = command[command.index("-o") + 1]
+    # ./mappings of the host, read-only; errors named relative to its parent (mappings/...).
+    source_dir = command[2]
+    assert mounts(watch, read_only=True)[source_dir] == (str(REPO / "mappings"), True)
+    assert command[command.index("--display-root") + 1] == str(pathlib.PurePosixPath(source_dir).parent)
+    # The compiled file reaches Fluent Bit through a named volume, read-only there.
+    out_dir = str(pathlib.PurePosixPath(output).parent)
+    assert mounts(watch)[out_dir] == mounts(fb)[out_dir]
+    assert mounts(fb)[out_dir] in compose_config(require_tool)["volumes"]
+    assert fb["environment"]["CLOUDTRAIL_MAPPINGS"] == output
+    assert mounts(fb, read_only=True)[out_dir][1] is True
+    # Fluent Bit starts once rules exist; the health check looks at that very file.
+    assert fb["depends_on"]["mappings"]["condition"] == "service_healthy"
+    assert output in watch["healthcheck"]["test"]
+    assert watch["read_only"] is True and watch["cap_drop"] == ["ALL"]
+
+
 def test_compose_with_the_documented_env_file_sends_to_real_cloudtrail(require_tool, tmp_path):
     example = (REPO / ".env.example").read_text()
     env_file = tmp_path / ".env"
@@ -145,9 +179,33 @@ def test_compose_with_the_documented_env_file_sends_to_real_cloudtrail(require_t
 
 # Kubernetes ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["deploy/kubernetes", "deploy/kubernetes/overlays/eks-irsa"])
+@pytest.fixture(scope="module", params=KUSTOMIZATIONS)
 def rendered(request):
     return kustomize_render.render(REPO / request.param)
+
+
+# The per-node install: the base and the overlays that only adjust it.
+@pytest.fixture(scope="module", params=["deploy/kubernetes", "deploy/kubernetes/overlays/eks-irsa",
+                                        "deploy/kubernetes/overlays/custom-mappings"])
+def rendered_daemonset(request):
+    return kustomize_render.render(REPO / request.param)
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+def test_the_fallback_renderer_agrees_and_refuses_files_outside_the_folder(folder, tmp_path):
+    def names(docs):
+        # kubectl appends a content hash to generated names unless told not to
+        return sorted((d["kind"], re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"]))
+                      for d in docs)
+
+    assert names(kustomize_render.render_minimal(REPO / folder)) == \
+        names(kustomize_render.render(REPO / folder))
+    (tmp_path / "k").mkdir()
+    (tmp_path / "outside.yaml").write_text("rules: []\n")
+    (tmp_path / "k" / "kustomization.yaml").write_text(
+        "configMapGenerator:\n  - name: m\n    files: [../outside.yaml]\n")
+    with pytest.raises(ValueError, match="not in or below"):
+        kustomize_render.render_minimal(tmp_path / "k")
 
 
 def test_rendered_manifests_validate_against_the_kubernetes_schemas(rendered):
@@ -167,7 +225,8 @@ def one(docs, kind, name_prefix=""):
     return found[0]
 
 
-def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered):
+def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered_daemonset):
+    rendered = rendered_daemonset
     ds = one(rendered, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
@@ -197,13 +256,26 @@ def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered):
     paths = " ".join(i.get("path", "") for i in inputs)
     assert "/var/log/containers" in paths and "audit" in paths
 
-    # The compiled mappings come from the ConfigMap through the init container.
+    # The compiled mappings come from the `mappings` sidecar (a native sidecar: an init container
+    # that keeps running), which watches the shipped rules of its image and the ConfigMap.
     env = {e["name"]: e.get("value") for e in fb["env"]}
-    compiled = mount_source(fb, env["CLOUDTRAIL_MAPPINGS"])
-    assert compiled is mount_source(inits["compile-mappings"], env["CLOUDTRAIL_MAPPINGS"])
-    cm_volume = mount_source(inits["compile-mappings"], "/etc/cloudtrail/mappings")
+    watch = inits["mappings"]
+    assert watch["restartPolicy"] == "Always"
+    args = watch["args"]
+    assert args[:2] == ["mappings", "watch"]
+    assert args[args.index("-o") + 1] == env["CLOUDTRAIL_MAPPINGS"]
+    assert mount_source(fb, env["CLOUDTRAIL_MAPPINGS"]) is mount_source(watch, env["CLOUDTRAIL_MAPPINGS"])
+    assert env["CLOUDTRAIL_MAPPINGS"] in watch["startupProbe"]["exec"]["command"]
+    assert SHIPPED_IN_SINK_IMAGE in args
+    sources = [a for a in args[2:args.index("-o")] if not a.startswith("-")
+               and a != args[args.index("--display-root") + 1]]
+    assert sources[0] == SHIPPED_IN_SINK_IMAGE  # yours are layered over the shipped ones
+    cm_mount = [m for m in watch["volumeMounts"] if m["mountPath"] == sources[-1]]
+    assert len(cm_mount) == 1 and "subPath" not in cm_mount[0]  # kubelet updates it in place
+    cm_volume = volumes[cm_mount[0]["name"]]
+    # Same name whatever the content: an update reaches running pods, no rollout.
     cm = one(rendered, "ConfigMap", cm_volume["configMap"]["name"])
-    assert sorted(cm["data"]) == sorted(p.name for p in (REPO / "mappings").glob("*.yaml"))
+    assert cm["metadata"]["name"] == cm_volume["configMap"]["name"] == "cloudtrail-mappings"
 
     # Least privilege everywhere; the sink never root.
     for c in list(containers.values()) + list(inits.values()):
@@ -216,7 +288,7 @@ def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered):
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], c["name"]
     assert sink["securityContext"]["runAsNonRoot"] is True
     assert sink["securityContext"]["runAsUser"] != 0
-    assert inits["compile-mappings"]["securityContext"]["runAsNonRoot"] is True
+    assert inits["mappings"]["securityContext"]["runAsNonRoot"] is True
 
     # Probes on the endpoints that report delivery health.
     assert sink["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -241,6 +313,18 @@ def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered):
     config = one(rendered, "ConfigMap", "cloudtrail-shipper-config")
     assert sink["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
     assert config["data"]["CLOUDTRAIL_CHANNEL_ARN"].startswith("arn:aws:cloudtrail:")
+
+
+def test_the_example_overlay_ships_every_rule_file_and_they_pass_with_the_shipped_ones():
+    from cloudtrail_sink.mappings.build import build
+
+    overlay = K8S / "overlays" / "custom-mappings"
+    docs = kustomize_render.render(overlay)
+    cm = one(docs, "ConfigMap", "cloudtrail-mappings")
+    assert sorted(cm["data"]) == sorted(p.name for p in (overlay / "mappings").glob("*.yaml"))
+    built = build([REPO / "mappings", overlay / "mappings"])  # as the sidecar layers them
+    assert built.files == len(list((REPO / "mappings").glob("*.yaml"))) + len(cm["data"])
+    assert built.examples > 0
 
 
 def test_iam_policy_example_allows_only_put_audit_events_on_one_channel():

@@ -12,11 +12,20 @@
 --     A bad number is reported in `problems` and its default used.
 --   filter.new(cfg, deps) -> f   (deps: clock, log, mapper = module with new(), all optional)
 --     Prepares the spool (creates missing folders, publishes what a crash left in tmp/) and
---     loads the mappings: loadfile (text only, no bytecode) in an EMPTY environment (the file is data only and cannot
+--     loads the mappings: load (text only, no bytecode) in an EMPTY environment (the file is data only and cannot
 --     call anything), then mapper.new(table). A missing or broken mappings file or mapper is
 --     not fatal: every record is then rejected with that reason (and one log line).
+--   Live reload (docs/fluent-bit.md, "Changing the rules while running"): on a tick, at most
+--     once per MAPPINGS_CHECK_INTERVAL, the mappings file is read again (cloudtrail.reload); if
+--     its bytes changed, the new rules are built and replace the old ones between two records,
+--     so every record is mapped by exactly one complete set of rules and none is lost. A file
+--     that cannot be read, loaded or accepted by the mapper leaves the last good rules in
+--     place (records keep being mapped by them, none is rejected for it) and is logged once.
+--     Each change of state is written atomically to <spool>/mappings-status.json:
+--     {"state": "ok"|"error", "mappings": path, "rules": n, "loaded_at": epoch seconds of the
+--     rules in use, "error": why the newest file was refused, "error_at": when}.
 --   f:process(tag, timestamp, record) -> code, timestamp, record   (filter_lua's contract)
---     * tick tag: seal what is older than the age limit; return -1.
+--     * tick tag: seal what is older than the age limit, reload changed mappings; return -1.
 --     * otherwise: map with the first matching rule; the event (eventData must be a table
 --       with a string UID; every string valid UTF-8) is appended to the open segment as
 --       {"eventData", "tag", "time"}; a record no rule maps, or whose mapping or encoding fails,
@@ -33,12 +42,19 @@
 local msgpack = require("cloudtrail.msgpack")
 local spool = require("cloudtrail.spool")
 local clock_mod = require("cloudtrail.clock")
+local reload = require("cloudtrail.reload")
 
-local type, tostring, tonumber, pcall, setmetatable, loadfile, setfenv =
-      type, tostring, tonumber, pcall, setmetatable, loadfile, setfenv
+local type, tostring, tonumber, pcall, setmetatable, load, setfenv =
+      type, tostring, tonumber, pcall, setmetatable, load, setfenv
 local table_concat = table.concat
 local str, float64, map_header, encode_parts, utf8_valid =
       msgpack.str, msgpack.float64, msgpack.map_header, msgpack.encode_parts, msgpack.utf8_valid
+
+local function safe_text(s)
+  s = tostring(s)
+  if utf8_valid(s) then return s end
+  return (s:gsub("[\128-\255]", "?"))
+end
 
 local M = {}
 
@@ -56,6 +72,9 @@ local REJECTED_MAX_DEPTH = 500
 local OPAQUE_MAX_DEPTH = 5000
 local EVENT_MAX_DEPTH = 250 -- the sink serializes eventData with orjson (255 levels)
 local LOG_INTERVAL = 60
+-- Below the tick's 1 s period, so every tick checks; a faster tick reads at most twice a second.
+local MAPPINGS_CHECK_INTERVAL = 0.5
+M.STATUS_FILE = "mappings-status.json"
 
 local function positive_int(getenv, name, default, problems)
   local raw = getenv(name)
@@ -113,10 +132,10 @@ local function stderr_logger(clock)
 end
 M.stderr_logger = stderr_logger
 
--- loadfile as text only (bytecode could crash the VM) in an empty environment: the compiled
+-- load as text only (bytecode could crash the VM) in an empty environment: the compiled
 -- mappings are data only.
-function M.load_mappings(path)
-  local chunk, err = loadfile(path, "t")
+function M.parse_mappings(text, path)
+  local chunk, err = load(text, "@" .. tostring(path), "t")
   if not chunk then return nil, "cannot load mappings " .. tostring(path) .. ": " .. tostring(err) end
   setfenv(chunk, {})
   local ok, value = pcall(chunk)
@@ -126,6 +145,12 @@ function M.load_mappings(path)
     return nil, "mappings " .. path .. " has format " .. tostring(value.format) .. ", expected 1"
   end
   return value
+end
+
+function M.load_mappings(path)
+  local text, err = reload.read(path)
+  if text == nil then return nil, "cannot load mappings: " .. err end
+  return M.parse_mappings(text, path)
 end
 
 local Filter = {}
@@ -156,34 +181,83 @@ function M.new(cfg, deps)
   elseif recovered > 0 then
     log("published " .. recovered .. " file(s) a previous run left in " .. cfg.spool_dir .. "/tmp")
   end
-  f:load_mapper(deps.mapper)
+  f.mapper_module = deps.mapper
+  f.watch = reload.new{ path = cfg.mappings, interval = MAPPINGS_CHECK_INTERVAL, clock = clock }
+  f.status_path = cfg.spool_dir .. "/" .. M.STATUS_FILE
+  f.status_tmp_suffix = "." .. f.spool.writer .. ".tmp"
+  local text, read_err = reload.read(cfg.mappings)
+  f.watch:seen(text, read_err)
+  f:load_mapper(text, read_err)
   return f
 end
 
-function Filter:load_mapper(mapper_module)
-  local mappings, err = M.load_mappings(self.cfg.mappings)
-  if not mappings then
-    self.mapper_error = err
-    self.log(err .. "; every record goes to rejected/")
-    return
+-- A mapper built from text (the compiled file's bytes), or nil, err; never raises.
+function Filter:build_mapper(text)
+  local mappings, err = M.parse_mappings(text, self.cfg.mappings)
+  if not mappings then return nil, err end
+  local mod = self.mapper_module
+  if mod == nil then
+    local ok, loaded = pcall(require, "cloudtrail.mapper")
+    if not ok then return nil, "mapping engine unavailable: " .. tostring(loaded) end
+    mod = loaded
+    self.mapper_module = mod
   end
-  if mapper_module == nil then
-    local ok, mod = pcall(require, "cloudtrail.mapper")
-    if not ok then
-      self.mapper_error = "mapping engine unavailable: " .. tostring(mod)
-      self.log(self.mapper_error .. "; every record goes to rejected/")
-      return
-    end
-    mapper_module = mod
-  end
-  local ok, m, new_err = pcall(mapper_module.new, mappings)
+  local ok, m, new_err = pcall(mod.new, mappings)
   if not ok or m == nil then
-    self.mapper_error = "mappings " .. self.cfg.mappings .. " rejected by the mapping engine: "
+    return nil, "mappings " .. self.cfg.mappings .. " rejected by the mapping engine: "
       .. tostring(ok and new_err or m)
-    self.log(self.mapper_error .. "; every record goes to rejected/")
-    return
   end
-  self.mapper = m
+  local rules = type(mappings.rules) == "table" and #mappings.rules or 0
+  return m, nil, rules
+end
+
+-- Installs the rules of `text` (the file as read), or records why it cannot. With rules already
+-- running, a bad file changes nothing but the status: the last good rules stay.
+function Filter:load_mapper(text, read_err)
+  local m, err, rules
+  if text == nil then
+    err = "cannot load mappings: " .. tostring(read_err)
+  else
+    m, err, rules = self:build_mapper(text)
+  end
+  local now = self.clock.now()
+  if m then
+    local reloaded = self.mapper ~= nil or self.mapper_error ~= nil
+    self.mapper, self.mapper_error = m, nil
+    self.loaded_at, self.rules, self.status_error = now, rules, nil
+    if reloaded then
+      self.log("mappings reloaded from " .. self.cfg.mappings .. " (" .. rules .. " rules)")
+    end
+  elseif self.mapper then
+    self.status_error, self.status_error_at = err, now
+    self.log(err .. "; keeping the rules loaded at "
+      .. os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(self.loaded_at)))
+  else
+    self.mapper_error = err
+    self.status_error, self.status_error_at = err, now
+    self.log(err .. "; every record goes to rejected/")
+  end
+  self:write_status()
+end
+
+function Filter:write_status()
+  local fields = {
+    state = self.status_error and "error" or "ok",
+    mappings = safe_text(self.cfg.mappings),
+    rules = self.mapper and self.rules or 0,
+  }
+  if self.mapper then fields.loaded_at = self.loaded_at end
+  if self.status_error then
+    fields.error = safe_text(self.status_error)
+    fields.error_at = self.status_error_at
+  end
+  local ok, err = reload.write_status(self.status_path, fields, self.status_tmp_suffix)
+  if not ok then self.log("cannot write the mappings status: " .. tostring(err)) end
+end
+
+function Filter:check_mappings()
+  local text, err = self.watch:check()
+  if text ~= nil or err ~= nil then self:load_mapper(text, err) end
 end
 
 local EVENT_OPTS = { strict_utf8 = true, max_depth = EVENT_MAX_DEPTH }
@@ -219,12 +293,6 @@ local function encoded_tag(tag)
     tag_cache_size = tag_cache_size + 1
   end
   return bytes
-end
-
-local function safe_text(s)
-  s = tostring(s)
-  if utf8_valid(s) then return s end
-  return (s:gsub("[\128-\255]", "?"))
 end
 
 -- The record as it goes into rejected/: exact when possible, else opaque msgpack bytes, and
@@ -269,6 +337,7 @@ function Filter:process(tag, timestamp, record)
   if tag == self.tick_tag then
     self.stats.ticks = self.stats.ticks + 1
     self.spool:tick()
+    self:check_mappings()
     return -1, timestamp, record
   end
   if type(timestamp) ~= "number" then timestamp = self.clock.now() end

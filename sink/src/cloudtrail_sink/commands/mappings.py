@@ -1,12 +1,18 @@
-"""``cloudtrail-sink mappings compile|test|check``: build and try the YAML mapping rules.
+"""``cloudtrail-sink mappings compile|watch|test|check``: build and try the YAML mapping rules.
 
 ``mappings compile [PATH...] -o FILE.lua`` validates the YAML files (a folder means its
-``*.yaml`` in name order; default ``$CLOUDTRAIL_MAPPINGS`` or ``./mappings``), loads the result
-into the real Lua mapper as a last check, and writes the data-only Lua file atomically (temporary
-file + rename, so a Fluent Bit reload never reads half a file). Problems are printed one per
-line as ``FILE:LINE: FIELD: MESSAGE``; exit 1 and nothing written when there is any.
+``*.yaml``; several paths are layered by file name, see ``mappings.build.source_files``;
+default ``$CLOUDTRAIL_MAPPINGS`` or ``./mappings``), loads the result into the real Lua mapper,
+runs every file's ``examples:`` (``--no-examples`` skips them) and writes the data-only Lua file
+atomically (temporary file + rename, so the filter's live reload never reads half a file).
+Problems are printed one per line as ``FILE:LINE: FIELD: MESSAGE`` (FILE relative to
+``--display-root`` when given); exit 1 and nothing written when there is any.
 ``--event-version`` / ``--account-id`` add ``version`` / ``recipientAccountId`` to every rule
 that does not set them (the sink fills both when absent, so they are optional).
+
+``mappings watch [PATH...] -o FILE.lua`` does the same at start and again whenever a source
+changes (watchdog, debounced), until SIGTERM/SIGINT (exit 0). A broken edit prints its problems
+and leaves FILE as it was: the last good rules stay live (``mappings.watch``).
 
 ``mappings test --tag TAG [RECORD.json|-] [-m PATH...] [--time EPOCH]`` maps one record (a JSON
 object; a file of JSON lines maps each line) with the real Lua code and prints the eventData as
@@ -28,10 +34,10 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 import time as _time
 
 from ..mappings import CompileError, LuaMapper, MapperLoadError, check_examples, check_patterns, compile_files
+from ..mappings.build import build, source_files, write_atomic
 from ..mappings.runner import filled
 
 
@@ -52,7 +58,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="version for rules that set none (default: left to the sink)")
     c.add_argument("--account-id", metavar="ID",
                    help="recipientAccountId for rules that set none (default: left to the sink)")
+    _build_options(c)
     c.set_defaults(func=cmd_compile)
+
+    w = sub.add_parser("watch", help="compile now and again on every change; keep the last good file")
+    w.add_argument("paths", nargs="*", metavar="PATH",
+                   help="YAML files or folders (default: $CLOUDTRAIL_MAPPINGS or ./mappings)")
+    w.add_argument("-o", "--output", required=True, metavar="FILE.lua", help="file to keep up to date")
+    w.add_argument("--debounce", type=float, default=0.5, metavar="SECONDS",
+                   help="build once no change came for this long (default: 0.5)")
+    w.add_argument("--poll-seconds", type=float, default=5.0, metavar="SECONDS",
+                   help="also look for changes this often, in case file events do not arrive "
+                        "(default: 5)")
+    _build_options(w)
+    w.set_defaults(func=cmd_watch)
 
     t = sub.add_parser("test", help="map a record with the real Lua mapper and print the result")
     t.add_argument("record", nargs="?", default="-", metavar="RECORD.json|-",
@@ -73,8 +92,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.set_defaults(func=cmd_check)
 
 
+def _build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-examples", dest="examples", action="store_false",
+                   help="do not run the files' examples: before writing")
+    p.add_argument("--display-root", metavar="DIR",
+                   help="name files in messages relative to DIR (e.g. mappings/40-sshd.yaml "
+                        "for /src/mappings/40-sshd.yaml with --display-root /src)")
+
+
+def _builder(args: argparse.Namespace, defaults: dict | None = None):
+    return lambda paths: build(paths, defaults, examples=args.examples,
+                               display_root=args.display_root)
+
+
 def _compile(paths: list[str], defaults: dict | None = None):
-    compiled = compile_files(paths, defaults)
+    compiled = compile_files(source_files(paths) or paths, defaults)
     problems = check_patterns(compiled)
     if problems:
         raise CompileError(problems)
@@ -95,28 +127,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.account_id:
         defaults["recipientAccountId"] = args.account_id
     try:
-        compiled = _compile(args.paths or _default_paths(), defaults)
-        text = compiled.lua_text()
-        LuaMapper(text, args.output)  # the mapper must accept what we write
+        built = _builder(args, defaults)(args.paths or _default_paths())
     except CompileError as exc:
         return _report(exc)
-    except MapperLoadError as exc:
-        print(f"{args.output}: the Lua mapper refuses the result: {exc}", file=sys.stderr)
-        return 1
-    out = pathlib.Path(args.output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=str(out.parent or "."))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    print(f"{out}: {len(compiled.rules)} rules from {len(compiled.files)} file(s)", file=sys.stderr)
+        write_atomic(args.output, built.text)
+    except OSError as exc:
+        print(f"{args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: {built.rules} rules from {built.files} file(s), "
+          f"{built.examples} examples passed", file=sys.stderr)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ..mappings.watch import MappingsWatch
+
+    watch = MappingsWatch(args.paths or _default_paths(), args.output, _builder(args),
+                          debounce=args.debounce, poll_seconds=args.poll_seconds)
+    stop = threading.Event()
+
+    def stop_now(signum, frame):
+        stop.set()
+        watch.stop_waiting()
+
+    signal.signal(signal.SIGTERM, stop_now)
+    signal.signal(signal.SIGINT, stop_now)
+    watch.run(stop)
     return 0
 
 
