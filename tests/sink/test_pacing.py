@@ -10,12 +10,13 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cloudtrail_sink import events, pacing
+from cloudtrail_sink import events, pacing, sender
 from cloudtrail_sink.batcher import Batcher, Item
+from cloudtrail_sink.emulator import Faults
 from cloudtrail_sink.pacing import Pacer
 from cloudtrail_sink.sender import RequestFailed, Result
 
-from sinksupport import ACCOUNT, event
+from sinksupport import ACCOUNT, CHANNEL_ARN, event
 
 
 class FakeClock:
@@ -158,6 +159,23 @@ def test_what_counts_as_throttled():
     assert pacing.is_throttled(RequestFailed("retry", "Unknown", "", 429))
     assert not pacing.is_throttled(RequestFailed("retry", "InternalFailure", "", 500))
     assert not pacing.is_throttled(RequestFailed("pause", "AccessDeniedException", "", 403))
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_every_throttled_attempt_is_heard_once_botocore_retries_included(emulator, attempts):
+    emulator.set_faults(Faults(throttle_rate=1.0))
+    p, clock = pacer()
+    client = sender.make_client("us-east-1", emulator.url, retry_mode="standard",
+                                max_attempts=attempts)
+    pacing.hear_retried_throttles(client, p)
+    entry = events.build({"eventData": event(1)}, ACCOUNT).entry()
+    with pytest.raises(RequestFailed) as failed:
+        sender.Sender(client, CHANNEL_ARN).send([entry])
+    p.on_result(failed.value, clock.t)  # what the runner does with the last answer
+    throttled = sum(n for code, n in emulator.stats()["requests"].items() if "hrottl" in code)
+    assert throttled == attempts  # --max-attempts counts attempts, the first included
+    assert p.answers == p.throttled == attempts
+    assert p.interval >= pacing.MIN_START
 
 
 class SharedQuota:

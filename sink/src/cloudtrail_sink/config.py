@@ -79,9 +79,11 @@ class SinkConfig:
                           "botocore retry mode for request-level errors (adaptive: client-side "
                           "rate limiting shared by all requests of this process)",
                           choices=("adaptive", "standard", "legacy"))
-    max_attempts: int = opt(3, "--max-attempts", ("CLOUDTRAIL_SINK_MAX_ATTEMPTS",),
-                            "botocore attempts per call before the sink's own unlimited "
-                            "retry loop takes over", type=int)
+    max_attempts: int = opt(1, "--max-attempts", ("CLOUDTRAIL_SINK_MAX_ATTEMPTS",),
+                            "botocore attempts per call (first one included) before the sink's "
+                            "own unlimited retry loop takes over; 1: the sink retries, so a "
+                            "throttled batch waits for pacing and grows instead of being re-sent "
+                            "as it was", type=int)
     poll: bool = opt(False, "--poll", ("CLOUDTRAIL_SINK_POLL",),
                      "poll ready/ instead of using inotify (network filesystems)",
                      action="store_true")

@@ -24,17 +24,19 @@ The control law (:meth:`Pacer.on_response`, one signal per answer: a request-lev
 *throttled*; any other answer is not):
 
 - **Multiplicative increase of the interval on throttling**:
-  ``I <- min(max_delay, max(2 * I, 2 * gap, MIN_START))``, where ``gap`` is a moving average of
-  the time between this sink's recent calls: the sink's actual call rate is at least halved, even
-  when it was calling less often than ``I`` allowed. Throttled answers within ``HOLD`` seconds
-  (or ``I / 2`` when larger) of an increase are calls formed before it took effect and are not
-  counted again.
+  ``I <- min(max_delay, max(INCREASE * I, INCREASE * gap, MIN_START))`` (3x, at least 2 s),
+  where ``gap`` is a moving average of the time between this sink's recent calls: the sink's
+  actual call rate drops to a third or less, even when it was calling less often than ``I``
+  allowed. Throttled answers within ``HOLD`` seconds (or ``I / 2`` when larger) of an increase
+  are calls formed before it took effect and are not counted again. Throttled attempts botocore
+  retries inside one call count too (:func:`hear_retried_throttles`).
 - **Gradual return when throttling stops**: between throttles the allowed call rate ``r = 1/I``
   grows as ``dr/dt = ADDITIVE + PROPORTIONAL * r``, multiplied by ``2 ** ((quiet - QUIET) /
   QUIET_DOUBLING)`` once the sink has gone ``quiet > QUIET`` seconds without a throttle (probing
   faster when it is probably alone). ``I`` below ``FREE_BELOW`` becomes 0 (not paced).
   Bound: with no throttling, ``I`` falls from ``max_delay`` to 0 within
-  :func:`recovery_seconds` (under 3 minutes for the defaults, whatever ``max_delay``).
+  :func:`recovery_seconds` (155 s from the default 10 s; under 3 minutes for any maximum up to
+  an hour). A sink never throttled is never paced.
 
 Why it shares a quota fairly with no coordinator: the service throttles calls, so a sink that
 calls more often is throttled more often and its interval grows more; the additive part of the
@@ -54,8 +56,8 @@ import threading
 import time
 from typing import Callable
 
-JITTER = 0.25  # each not-full call waits I * U(1 - JITTER, 1 + JITTER)
-MIN_START = 2.0  # seconds: the interval set by the first throttle of an unpaced sink, at least
+JITTER = 0.5  # each not-full call waits I * U(1 - JITTER, 1 + JITTER)
+MIN_START = 8.0  # seconds: the interval set by the first throttle of an unpaced sink, at least
 INCREASE = 3.0  # the factor of a counted throttle
 HOLD = 1.0  # seconds after an increase in which further throttles are not counted
 ADDITIVE = 0.001  # calls/s per second: the fair part of the rate's growth
