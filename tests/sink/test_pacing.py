@@ -308,3 +308,41 @@ def test_batcher_honours_the_ceiling_for_full_batches():
     assert b.take(timeout=0) is None  # full, but the ceiling is 2 calls/s
     clock.t += 0.5
     assert len(b.take(timeout=0)) == 10
+
+
+class ThrottlesTwice:
+    """A PutAuditEvents stand-in: the first call is refused with ThrottlingException, the second
+    answers per-event Throttling for its first event, every later one accepts everything."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def send(self, entries):
+        self.calls += 1
+        ids = [e["id"] for e in entries]
+        if self.calls == 1:
+            raise RequestFailed("retry", "ThrottlingException", "Rate exceeded", 400)
+        if self.calls == 2:
+            return Result(set(ids[1:]), [(ids[0], "Throttling", "slow down")])
+        return Result(set(ids), [])
+
+
+def test_the_runner_reports_throttling_to_the_pacer_and_the_metrics(tmp_path):
+    from test_delivery import config, metric, run_drain
+
+    from sinksupport import fill
+
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [event(i) for i in range(30)], max_events=10)
+    service = ThrottlesTwice()
+    runner = run_drain(config(spool_dir, max_in_flight=1, linger_ms=10_000), sender=service)
+    assert list((spool_dir / "ready").iterdir()) == []
+    assert metric(runner, "events_delivered_total") == 30
+    assert metric(runner, "calls_total") == service.calls >= 3
+    # Both kinds of throttling were heard (the second within the hold: counted, not doubled).
+    assert metric(runner, "throttled_calls_total") == 2
+    # Paced from the first throttle on (a little less since: it eases off with time).
+    assert 0.9 * pacing.MIN_START <= metric(runner, "pacing_interval_seconds") <= pacing.MIN_START
+    # Every segment's wait from its seal to its deletion was recorded.
+    assert metric(runner, "spool_wait_seconds_count") == 3
+    assert metric(runner, "batch_events_count") == service.calls - 1

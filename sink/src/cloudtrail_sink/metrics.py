@@ -32,9 +32,8 @@ spool_wait_seconds                     histogram  per segment: from its seal (mt
 
 from __future__ import annotations
 
-from typing import Callable
-
 import os
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily

@@ -24,11 +24,12 @@ The control law (:meth:`Pacer.on_response`, one signal per answer: a request-lev
 *throttled*; any other answer is not):
 
 - **Multiplicative increase of the interval on throttling**:
-  ``I <- min(max_delay, max(INCREASE * I, INCREASE * gap, MIN_START))`` (3x, at least 2 s),
+  ``I <- min(max_delay, max(INCREASE * I, INCREASE * gap, MIN_START))`` (3x, at least 8 s),
   where ``gap`` is a moving average of the time between this sink's recent calls: the sink's
   actual call rate drops to a third or less, even when it was calling less often than ``I``
   allowed. Throttled answers within ``HOLD`` seconds (or ``I / 2`` when larger) of an increase
-  are calls formed before it took effect and are not counted again. Throttled attempts botocore
+  are calls formed before it took effect: they do not increase it again (the metrics still
+  count them). Throttled attempts botocore
   retries inside one call count too (:func:`hear_retried_throttles`).
 - **Gradual return when throttling stops**: between throttles the allowed call rate ``r = 1/I``
   grows as ``dr/dt = ADDITIVE + PROPORTIONAL * r``, multiplied by ``2 ** ((quiet - QUIET) /
@@ -75,16 +76,17 @@ EVENT_THROTTLING = "Throttling"
 
 
 def recovery_seconds(max_delay: float) -> float:
-    """Upper bound on the time ``I`` takes from ``max_delay`` to 0 with no throttling (the growth
-    of the rate ignoring its additive part, which only makes it faster), computed by stepping the
-    law one second at a time."""
+    """Upper bound on the time ``I`` takes from ``max_delay`` to 0 with no throttling, in whole
+    seconds: the law stepped every 0.1 s with the speed-up of each step's start and without the
+    additive part (the pacer applies the speed-up of a step's end, and the additive part only
+    adds growth, so it is never slower)."""
     if max_delay <= FREE_BELOW:
         return 0.0
-    r, s, target = 1.0 / max_delay, 0.0, 1.0 / FREE_BELOW
+    r, s, target, step = 1.0 / max_delay, 0.0, 1.0 / FREE_BELOW, 0.1
     while r < target:
-        s += 1.0
-        r *= math.exp(PROPORTIONAL * _speedup(s))
-    return s
+        r *= math.exp(PROPORTIONAL * _speedup(s) * step)
+        s += step
+    return float(math.ceil(s))
 
 
 def _speedup(quiet: float) -> float:
