@@ -346,3 +346,23 @@ def test_the_runner_reports_throttling_to_the_pacer_and_the_metrics(tmp_path):
     # Every segment's wait from its seal to its deletion was recorded.
     assert metric(runner, "spool_wait_seconds_count") == 3
     assert metric(runner, "batch_events_count") == service.calls - 1
+
+
+def test_pacing_options_come_from_flags_or_environment_and_bad_values_name_the_option(tmp_path):
+    import dataclasses
+
+    from cloudtrail_sink.config import ConfigError, SinkConfig, env_default
+
+    fields = {f.name: f for f in dataclasses.fields(SinkConfig)}
+    env = {"CLOUDTRAIL_SINK_MAX_CALLS_PER_SECOND": "0.3",
+           "CLOUDTRAIL_SINK_MAX_PACING_DELAY_MS": "5000"}
+    assert env_default(fields["max_calls_per_second"], env) == 0.3
+    assert env_default(fields["max_pacing_delay_ms"], env) == 5000
+    base = dict(spool_dir=str(tmp_path), channel_arn=CHANNEL_ARN)
+    for name, value, flag in (("max_calls_per_second", -1.0, "--max-calls-per-second"),
+                              ("max_calls_per_second", float("nan"), "--max-calls-per-second"),
+                              ("max_pacing_delay_ms", -1, "--max-pacing-delay-ms")):
+        with pytest.raises(ConfigError, match=flag):
+            SinkConfig(**base, **{name: value}).validate()
+    cfg = SinkConfig(**base).validate()
+    assert (cfg.max_pacing_delay_ms, cfg.max_calls_per_second, cfg.max_attempts) == (10_000, 0.0, 1)
