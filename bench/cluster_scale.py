@@ -17,8 +17,8 @@ Printed for per-node and aggregator: attempted calls/s, throttled share, events 
 call, peak backlog (events written and not yet accepted, also in seconds of writes), time to
 catch up after the writers stop, events lost, and the spread of delivered events across nodes
 (min/max per node when the writers stop). Per-node runs twice: with the defaults and, as the
-baseline measured in the same run, with pacing off (``--max-pacing-delay-ms 0``, which is how
-the sink behaved before pacing); ``--no-baseline`` skips it.
+baseline measured in the same run, with pacing off (``--max-pacing-delay-ms 0``: each batch
+leaves after the plain linger, as before pacing existed); ``--no-baseline`` skips it.
 
 Usage (repository root, package installed):
 
@@ -82,7 +82,8 @@ class Sinks:
                     break
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"a sink did not start (logs in {tmp})")
+                        self.stop()
+                        raise RuntimeError(f"a sink did not start (logs in {tmp})") from None
                     time.sleep(0.2)
 
     def delivered(self) -> list[int]:
