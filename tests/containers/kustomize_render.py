@@ -7,8 +7,10 @@ load restrictor refuses a file outside the kustomization's folder, and so does t
 Without kubectl, :func:`render_minimal` renders the subset of kustomize these manifests use, so
 the schema checks still run: ``resources`` (files and folders holding a kustomization),
 ``namespace``, ``labels`` (``pairs``, without selectors), ``configMapGenerator`` (``files``,
-``envs``, ``behavior: replace``, ``options.disableNameSuffixHash``), ``images`` (``newName``, ``newTag``) and ``patches`` (inline
-JSON6902 ``add`` / ``replace`` operations with a ``kind`` + ``name`` target). Generated
+``envs``, ``behavior: replace`` or ``merge``, ``options.disableNameSuffixHash``), ``images`` (``newName``, ``newTag``) and ``patches`` (inline
+JSON6902 ``add`` / ``replace`` operations with a ``kind`` + ``name`` target, or a strategic
+merge patch, inline or in a ``path`` file, whose lists of containers, volumes, env and mounts
+merge by name or mountPath and honour ``$patch: delete``). Generated
 ConfigMaps keep their plain names (no hash suffix); anything else it meets is an error, so a
 kustomization that outgrows it fails loudly rather than renders wrong.
 """
@@ -80,6 +82,32 @@ def _pointer_set(doc: dict, path: str, value, op: str) -> None:
     node[parts[-1]] = value
 
 
+# The merge keys of the lists these manifests patch (Kubernetes' patchMergeKey).
+MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name",
+              "volumeMounts": "mountPath"}
+
+
+def _strategic_merge(node: dict, patch: dict) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            _strategic_merge(node[key], value)
+        elif isinstance(value, list) and key in MERGE_KEYS:
+            merge_key, items = MERGE_KEYS[key], node.setdefault(key, [])
+            for item in value:
+                found = next((x for x in items if x.get(merge_key) == item.get(merge_key)), None)
+                if item.get("$patch") == "delete":
+                    if found is not None:
+                        items.remove(found)
+                elif found is not None:
+                    _strategic_merge(found, item)
+                else:
+                    items.insert(0, item)
+        elif isinstance(value, dict) and "$patch" in value:
+            raise ValueError(f"strategic merge directive not supported at {key}: {value}")
+        else:
+            node[key] = value
+
+
 def _containers(doc: dict):
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
     for key in ("initContainers", "containers"):
@@ -100,15 +128,25 @@ def render_minimal(folder: pathlib.Path) -> list[dict]:
             docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     for spec in kust.get("configMapGenerator", []):
         generated = _generate(folder, spec)
-        if spec.get("behavior") == "replace":
+        if spec.get("behavior") in ("replace", "merge"):
+            for d in docs:
+                if d["kind"] == "ConfigMap" and d["metadata"]["name"] == spec["name"]:
+                    if spec["behavior"] == "merge":  # the base's object, with more data
+                        generated["data"] = {**d.get("data", {}), **generated["data"]}
+                        generated["metadata"] = d["metadata"]
             docs = [d for d in docs if not (d["kind"] == "ConfigMap"
                                             and d["metadata"]["name"] == spec["name"])]
         docs.append(generated)
     for patch in kust.get("patches", []):
         target = patch["target"]
+        body = yaml.safe_load((folder / patch["path"]).read_text() if "path" in patch
+                              else patch["patch"])
         for doc in docs:
             if doc["kind"] == target["kind"] and doc["metadata"]["name"] == target["name"]:
-                for op in yaml.safe_load(patch["patch"]):
+                if isinstance(body, dict):
+                    _strategic_merge(doc, copy.deepcopy(body))
+                    continue
+                for op in body:
                     _pointer_set(doc, op["path"], copy.deepcopy(op.get("value")), op["op"])
     for image in kust.get("images", []):
         for doc in docs:

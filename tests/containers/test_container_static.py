@@ -327,6 +327,108 @@ def test_the_example_overlay_ships_every_rule_file_and_they_pass_with_the_shippe
     assert built.examples > 0
 
 
+# The aggregator overlay (Fluent Bit forwarders on the nodes, aggregators with the sink) --------
+
+@pytest.fixture(scope="module")
+def aggregator():
+    return kustomize_render.render(K8S / "overlays" / "aggregator")
+
+
+def test_aggregator_overlay_validates_against_the_kubernetes_schemas(aggregator):
+    import kubernetes_validate
+
+    for doc in aggregator:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert {"DaemonSet", "StatefulSet", "Service", "PodDisruptionBudget", "ServiceAccount",
+            "ConfigMap"} <= {d["kind"] for d in aggregator}
+
+
+def fluent_bit_config(container: dict) -> dict:
+    args = container["args"]
+    name = args[args.index("-c") + 1].rsplit("/", 1)[1]
+    return yaml.safe_load((REPO / "fluent-bit" / name).read_text())
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_nodes_only_forward_acknowledged_and_buffered_on_their_disk(aggregator):
+    ds = one(aggregator, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    # Fluent Bit alone on the node: no sink, no spool, no mapping containers.
+    assert [c["name"] for c in pod["containers"]] == ["fluent-bit"]
+    assert not pod.get("initContainers")
+    (fb,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in fb["volumeMounts"]}
+    config = fluent_bit_config(fb)
+    assert not [f for f in config["pipeline"].get("filters", []) if f["name"] == "lua"]
+    # Filesystem buffering, on a hostPath that outlives the pod, for every input.
+    storage = config["service"]["storage.path"]
+    holder = next(p for p in mounts if storage.startswith(p.rstrip("/") + "/"))
+    assert "hostPath" in mounts[holder]
+    assert all(i["storage.type"] == "filesystem" for i in config["pipeline"]["inputs"])
+    # One output: forward to the aggregator Service, acknowledged, retried without limit.
+    (out,) = config["pipeline"]["outputs"]
+    assert out["name"] == "forward" and out["match"] == "*"
+    assert out["require_ack_response"] is True and out["retry_limit"] == "no_limits"
+    env = {e["name"]: e.get("value") for e in fb["env"]}
+    assert out["host"] == "${CLOUDTRAIL_AGGREGATOR_HOST}"
+    (service,) = [d for d in aggregator if d["kind"] == "Service"
+                  and d["metadata"]["name"] == env["CLOUDTRAIL_AGGREGATOR_HOST"]]
+    assert service["spec"].get("clusterIP") != "None"
+    assert out["port"] in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_aggregators_spool_on_their_own_claims_behind_a_service_and_a_budget(aggregator):
+    sts = one(aggregator, "StatefulSet")
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] >= 2
+    assert selects(spec["selector"]["matchLabels"], labels)
+    containers = {c["name"]: c for c in pod["containers"]}
+    fb, sink = containers["fluent-bit"], containers["sink"]
+    # The spool: one claim per replica, shared by Fluent Bit and the sink.
+    (claim,) = spec["volumeClaimTemplates"]
+    spool = "/var/spool/cloudtrail"
+    for c in (fb, sink):
+        assert {"name": claim["metadata"]["name"], "mountPath": spool} in c["volumeMounts"]
+        assert {"name": "CLOUDTRAIL_SPOOL_DIR", "value": spool} in c["env"]
+    assert not [v for v in pod.get("volumes", []) if "hostPath" in v]
+    # Fluent Bit there: forward in, Lua filter last, the unspooled file output on the spool.
+    config = fluent_bit_config(fb)
+    inputs = {i["name"]: i for i in config["pipeline"]["inputs"]}
+    ports = {p["name"]: p["containerPort"] for p in fb["ports"]}
+    assert inputs["forward"]["port"] == ports["forward"]
+    assert config["pipeline"]["filters"][-1]["name"] == "lua"
+    assert [o["path"] for o in config["pipeline"]["outputs"]] == [spool + "/unspooled"]
+    # Services: the governing one is headless; the forwarders' one reaches the forward port.
+    services = {s["metadata"]["name"]: s for s in aggregator if s["kind"] == "Service"}
+    assert services[spec["serviceName"]]["spec"]["clusterIP"] == "None"
+    for service in services.values():
+        assert selects(service["spec"]["selector"], labels)
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["forward"]
+    pdb = one(aggregator, "PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
+    assert pdb["spec"].get("maxUnavailable", 0) == 1 or pdb["spec"]["minAvailable"] >= 1
+    # The sink as in the DaemonSet: its config, probes, never root, least privilege.
+    config_map = one(aggregator, "ConfigMap", "cloudtrail-shipper-config")
+    assert sink["envFrom"][0]["configMapRef"]["name"] == config_map["metadata"]["name"]
+    assert sink["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert sink["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["fsGroup"]
+    for c in containers.values():
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc.get("runAsUser") == 0
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert pod["serviceAccountName"] == one(aggregator, "ServiceAccount")["metadata"]["name"]
+    sink_env = {e["name"]: e.get("value") for e in sink["env"]}
+    assert pod["terminationGracePeriodSeconds"] > float(sink_env["CLOUDTRAIL_SINK_GRACE_SECONDS"]) + 5
+
+
 def test_iam_policy_example_allows_only_put_audit_events_on_one_channel():
     policy = json.loads((REPO / "deploy" / "iam" / "put-audit-events-policy.json").read_text())
     statements = policy["Statement"]

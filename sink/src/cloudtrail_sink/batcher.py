@@ -10,6 +10,11 @@ Contract of :meth:`Batcher.take` (called by each sender worker, blocks until it 
 - A batch is handed out when full, or when its oldest event waited ``linger`` seconds, or at once
   when ``flush()`` was requested (drain, shutdown). Events whose retry time came are taken first.
 - Re-formed batches (``requeue_batch``, used after a split) are handed out before anything else.
+- With a ``pacer`` (:class:`~cloudtrail_sink.pacing.Pacer`), a batch that is due is handed out
+  only once ``pacer.wait(now, full)`` is 0: a batch that is not full also waits for the pacing
+  interval (how long it may linger), every batch for the call-rate ceiling; a full batch (or a
+  flush, or a re-formed batch) never waits for the interval. ``pacer.on_call`` is told of each
+  batch handed out.
 - ``close()`` makes every waiting ``take`` return None.
 
 Time is injected (``clock``); ``take`` waits on a condition, never polls.
@@ -47,11 +52,12 @@ class Item:
 
 class Batcher:
     def __init__(self, max_events: int = 100, max_bytes: int = 999_000, linger: float = 0.2,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, pacer=None):
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.linger = linger
         self.clock = clock
+        self.pacer = pacer
         self._pending: collections.deque[Item] = collections.deque()
         self._pending_bytes = 0
         self._retry: list[tuple[float, int, Item]] = []
@@ -131,16 +137,31 @@ class Batcher:
                     item.since = now - self.linger  # a retry is due now, not after a new linger
                     self._pending.appendleft(item)
                     self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
+                pace = self.pacer
+                held = None  # when the pacer lets the due batch go
                 if self._batches:
-                    return self._batches.popleft()
-                if self._pending and (self._flush or self._full_locked()
-                                      or self._pending[0].since + self.linger <= now):
-                    batch = self._form_locked()
-                    if self._pending:
-                        self._cond.notify()  # more may be due for another worker
-                    return batch
+                    wait = pace.wait(now, True) if pace else 0.0
+                    if wait <= 0.0:
+                        if pace:
+                            pace.on_call(now)
+                        return self._batches.popleft()
+                    held = now + wait
+                elif self._pending:
+                    full = self._flush or self._full_locked()
+                    if full or self._pending[0].since + self.linger <= now:
+                        wait = pace.wait(now, full) if pace else 0.0
+                        if wait <= 0.0:
+                            batch = self._form_locked()
+                            if pace:
+                                pace.on_call(now)
+                            if self._pending:
+                                self._cond.notify()  # more may be due for another worker
+                            return batch
+                        held = now + wait
                 wake = []
-                if self._pending:
+                if held is not None:
+                    wake.append(held)
+                elif self._pending:
                     wake.append(self._pending[0].since + self.linger)
                 if self._retry:
                     wake.append(self._retry[0][0])

@@ -60,6 +60,15 @@ class SinkConfig:
                              "PutAuditEvents requests in flight at once", type=int)
     linger_ms: int = opt(200, "--linger-ms", ("CLOUDTRAIL_SINK_LINGER_MS",),
                          "send a batch that is not full after this many milliseconds", type=int)
+    max_pacing_delay_ms: int = opt(10_000, "--max-pacing-delay-ms",
+                                   ("CLOUDTRAIL_SINK_MAX_PACING_DELAY_MS",),
+                                   "most a batch that is not full waits for pacing while the "
+                                   "service throttles (0: no pacing); see docs/sink.md", type=int)
+    max_calls_per_second: float = opt(0.0, "--max-calls-per-second",
+                                      ("CLOUDTRAIL_SINK_MAX_CALLS_PER_SECOND",),
+                                      "ceiling on this sink's PutAuditEvents calls per second, "
+                                      "full batches included (0: none); for a shared account "
+                                      "set it to the quota / number of nodes", type=float)
     max_batch_events: int = opt(100, "--max-batch-events", ("CLOUDTRAIL_SINK_MAX_BATCH_EVENTS",),
                                 "events per request (1-100, the service's limit)", type=int)
     max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, "--max-request-bytes",
@@ -70,9 +79,11 @@ class SinkConfig:
                           "botocore retry mode for request-level errors (adaptive: client-side "
                           "rate limiting shared by all requests of this process)",
                           choices=("adaptive", "standard", "legacy"))
-    max_attempts: int = opt(3, "--max-attempts", ("CLOUDTRAIL_SINK_MAX_ATTEMPTS",),
-                            "botocore attempts per call before the sink's own unlimited "
-                            "retry loop takes over", type=int)
+    max_attempts: int = opt(1, "--max-attempts", ("CLOUDTRAIL_SINK_MAX_ATTEMPTS",),
+                            "botocore attempts per call (first one included) before the sink's "
+                            "own unlimited retry loop takes over; 1: the sink retries, so a "
+                            "throttled batch waits for pacing and grows instead of being re-sent "
+                            "as it was", type=int)
     poll: bool = opt(False, "--poll", ("CLOUDTRAIL_SINK_POLL",),
                      "poll ready/ instead of using inotify (network filesystems)",
                      action="store_true")
@@ -157,6 +168,10 @@ class SinkConfig:
             raise ConfigError("--max-in-flight must be at least 1")
         if self.linger_ms < 0:
             raise ConfigError("--linger-ms must not be negative")
+        if self.max_pacing_delay_ms < 0:
+            raise ConfigError("--max-pacing-delay-ms must not be negative (0: no pacing)")
+        if not 0 <= self.max_calls_per_second <= 1000:  # also refuses NaN
+            raise ConfigError("--max-calls-per-second must be between 0 (no ceiling) and 1000")
         if self.max_attempts < 1:
             raise ConfigError("--max-attempts must be at least 1")
         for name in ("poll_seconds", "rescan_seconds", "grace_seconds", "max_backoff_seconds",

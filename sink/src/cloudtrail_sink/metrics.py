@@ -20,14 +20,23 @@ backlog_oldest_age_seconds             gauge      age of the oldest one (0 when 
 pending_events                         gauge      events read and not yet finalized
 delivery_paused                        gauge      1 while paused by a configuration or
                                                   permission error
+calls_total                            counter    answers to PutAuditEvents calls (botocore's
+                                                  retried throttled attempts included)
+throttled_calls_total                  counter    of those, throttled (request-level throttling
+                                                  or per-event Throttling)
+pacing_interval_seconds                gauge      current pacing interval (0: not paced)
+spool_wait_seconds                     histogram  per segment: from its seal (mtime) to the
+                                                  acknowledgement of its last event
 =====================================  =========  ==============================================
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 PREFIX = "cloudtrail_sink_"
 
@@ -65,6 +74,13 @@ class Metrics:
                              registry=r)
         self.paused = Gauge(PREFIX + "delivery_paused",
                             "1 while delivery is paused by a configuration error", registry=r)
+        self.pacing_interval = Gauge(PREFIX + "pacing_interval_seconds",
+                                     "Current pacing interval (0: not paced)", registry=r)
+        self.spool_wait = Histogram(PREFIX + "spool_wait_seconds",
+                                    "Per segment: from its seal to the acknowledgement of its "
+                                    "last event", registry=r,
+                                    buckets=(.25, .5, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120,
+                                             300, 900, 3600))
         for outcome in ("success", "partial", "retry", "pause", "split"):
             self.requests.labels(outcome)
 
@@ -77,3 +93,29 @@ class Metrics:
         self.backlog_age.set_function(age)
         self.pending.set_function(pending)
         self.paused.set_function(paused)
+
+    def bind_pacing(self, pacer) -> None:
+        """Calls, throttled calls and the interval, read from the pacer when scraped."""
+        self.pacing_interval.set_function(lambda: pacer.interval)
+        self.registry.register(_PacingCalls(pacer))
+
+    def observe_spool_wait(self, path: str, now: float) -> None:
+        """Record how long the segment at ``path`` waited since it was sealed (its mtime, on
+        the wall clock ``now``), just before it is deleted."""
+        try:
+            sealed = os.stat(path).st_mtime
+        except OSError:
+            return
+        self.spool_wait.observe(max(0.0, now - sealed))
+
+
+class _PacingCalls:
+    def __init__(self, pacer):
+        self.pacer = pacer
+
+    def collect(self):
+        yield CounterMetricFamily(PREFIX + "calls", "Answers to PutAuditEvents calls",
+                                  value=self.pacer.answers)
+        yield CounterMetricFamily(PREFIX + "throttled_calls",
+                                  "Throttled answers to PutAuditEvents calls",
+                                  value=self.pacer.throttled)

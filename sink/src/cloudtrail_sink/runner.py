@@ -46,7 +46,7 @@ import threading
 import time
 from typing import Any, Callable, TextIO
 
-from . import events, spool
+from . import events, pacing, spool
 from .backoff import FullJitter, Pause
 from .batcher import Batcher, Item
 from .config import ConfigError, SinkConfig, parse_listen
@@ -165,8 +165,11 @@ class Runner:
         self.watcher = Watcher(self.queue, poll=cfg.poll, poll_seconds=cfg.poll_seconds,
                                rescan_seconds=cfg.rescan_seconds)
         self.ledger = Ledger(self._segment_complete, clock=monotonic)
+        self.pacer = pacing.Pacer(cfg.max_pacing_delay_ms / 1000.0, cfg.max_calls_per_second,
+                                  clock=monotonic, rand=self.rand)
+        self.metrics.bind_pacing(self.pacer)
         self.batcher = Batcher(cfg.max_batch_events, cfg.max_request_bytes, cfg.linger_ms / 1000.0,
-                               clock=monotonic)
+                               clock=monotonic, pacer=self.pacer)
         self.dead = DeadLetters(self.layout, clock=clock, rand=self.rand)
         self.jitter = FullJitter(base=0.1, cap=cfg.max_backoff_seconds, rand=self.rand)
         self.pause = Pause(base=1.0, cap=cfg.max_pause_seconds, clock=monotonic, rand=self.rand)
@@ -182,6 +185,7 @@ class Runner:
                     cfg.effective_region, cfg.endpoint_url, cfg.role_arn, cfg.retry_mode,
                     cfg.max_attempts, cfg.max_in_flight)
             self.sender = Sender(client, cfg.channel_arn, cfg.external_id)
+            pacing.hear_retried_throttles(client, self.pacer)
         self.metrics.bind_backlog(
             segments=lambda: self.queue.known(), size=lambda: self.queue.bytes,
             age=self._oldest_age, pending=lambda: self.ledger.pending,
@@ -532,6 +536,7 @@ class Runner:
                 with self._delete_lock:
                     if self._no_deletes:
                         return  # stopped: the next sink on this spool settles it again
+                    self.metrics.observe_spool_wait(seg.path, self.clock())
                     os.unlink(seg.path)
             except FileNotFoundError:
                 pass
@@ -587,10 +592,12 @@ class Runner:
         try:
             result = self.sender.send(entries)
         except RequestFailed as exc:
-            self.metrics.latency.observe(self.monotonic() - started)
-            self._request_failed(batch, exc, settled)
-            return
+            result = exc
+        self.pacer.on_result(result, self.monotonic())
         self.metrics.latency.observe(self.monotonic() - started)
+        if isinstance(result, RequestFailed):
+            self._request_failed(batch, result, settled)
+            return
         self.metrics.batch.observe(len(batch))
         self.last_success = self.monotonic()
         if self.pause.paused:

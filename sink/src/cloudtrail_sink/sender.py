@@ -127,7 +127,7 @@ def _assume_role_session(base, role_arn: str, region: str | None):
 
 
 def make_client(region: str | None, endpoint_url: str | None = None, role_arn: str | None = None,
-                retry_mode: str = "adaptive", max_attempts: int = 3, max_in_flight: int = 4,
+                retry_mode: str = "adaptive", max_attempts: int = 1, max_in_flight: int = 4,
                 session: Any = None):
     import boto3
     from botocore.config import Config
@@ -138,7 +138,8 @@ def make_client(region: str | None, endpoint_url: str | None = None, role_arn: s
     if role_arn:
         base = _assume_role_session(base, role_arn, region)
     config = Config(
-        retries={"mode": retry_mode, "max_attempts": max_attempts},
+        # total_max_attempts counts the first attempt (botocore's max_attempts counts retries).
+        retries={"mode": retry_mode, "total_max_attempts": max_attempts},
         max_pool_connections=max(10, 2 * max_in_flight),
         connect_timeout=10, read_timeout=60, tcp_keepalive=True,
         user_agent_extra=f"cloudtrail-sink/{__version__}",

@@ -1,0 +1,368 @@
+"""Throttle-aware pacing (cloudtrail_sink.pacing) with the clock and randomness injected: the
+interval grows under throttling, shrinks back when it stops, never delays a full batch, never
+exceeds its maximum; the call-rate ceiling holds; pacers sharing one quota converge to fair
+shares; the Batcher uses the pacer's interval as the linger of a batch that is not full."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cloudtrail_sink import events, pacing, sender
+from cloudtrail_sink.batcher import Batcher, Item
+from cloudtrail_sink.emulator import Faults
+from cloudtrail_sink.pacing import Pacer
+from cloudtrail_sink.sender import RequestFailed, Result
+
+from sinksupport import ACCOUNT, CHANNEL_ARN, event
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def pacer(max_delay=10.0, ceiling=0.0, seed=1):
+    clock = FakeClock()
+    return Pacer(max_delay, ceiling, clock=clock, rand=random.Random(seed)), clock
+
+
+def throttle(p: Pacer, clock: FakeClock, times: int, spacing: float) -> list[float]:
+    seen = []
+    for _ in range(times):
+        p.on_call(clock.t)
+        clock.t += 0.01
+        p.on_response(True, clock.t)
+        seen.append(p.interval)
+        if len(seen) < times:
+            clock.t += spacing
+    return seen
+
+
+def test_unthrottled_sink_is_not_paced():
+    p, clock = pacer()
+    for _ in range(50):
+        assert p.wait(clock.t, full=False) == 0.0
+        p.on_call(clock.t)
+        p.on_response(False, clock.t + 0.01)
+        clock.t += 0.3
+    assert p.interval == 0.0
+
+
+def test_interval_grows_multiplicatively_under_throttling_up_to_the_maximum():
+    p, clock = pacer(max_delay=10.0)
+    seen = throttle(p, clock, 6, spacing=6.0)  # past each hold: every throttle counts
+    assert seen[0] >= pacing.MIN_START
+    # Each counted throttle multiplies it (less the little growth back in between) ...
+    for before, after in zip(seen, seen[1:]):
+        assert after >= min(10.0, 0.95 * pacing.INCREASE * before)
+    # ... and it stops at the configured maximum.
+    assert seen[-1] == 10.0 and max(seen) <= 10.0
+
+
+def test_first_throttle_at_least_halves_the_actual_call_rate():
+    p, clock = pacer()
+    for _ in range(10):  # one call every 3 s, unpaced
+        p.on_call(clock.t)
+        p.on_response(False, clock.t + 0.01)
+        clock.t += 3.0
+    p.on_call(clock.t)
+    p.on_response(True, clock.t + 0.01)
+    assert p.interval >= pacing.INCREASE * 3.0 * 0.99
+
+
+def test_throttles_of_calls_formed_before_an_increase_are_not_counted_again():
+    p, clock = pacer()
+    p.on_call(clock.t)
+    p.on_response(True, clock.t)
+    first = p.interval
+    for _ in range(5):  # the other in-flight calls answer throttled right after
+        clock.t += 0.05
+        p.on_response(True, clock.t)
+    assert p.interval == pytest.approx(first, rel=0.01)
+    assert p.throttled == 6 and p.answers == 6
+
+
+def test_interval_shrinks_back_to_no_pacing_when_throttling_stops():
+    p, clock = pacer(max_delay=10.0)
+    throttle(p, clock, 6, spacing=6.0)
+    assert p.interval == 10.0
+    bound = pacing.recovery_seconds(10.0)
+    assert bound < 180.0  # the documented bound for the defaults
+    last = p.interval
+    elapsed = 0.0
+    while elapsed < bound:
+        clock.t += 1.0
+        elapsed += 1.0
+        p.on_response(False, clock.t)
+        now = p.interval
+        assert now <= last  # gradual: never grows without a throttle
+        last = now
+    assert p.interval == 0.0
+    # Halfway it was still paced: the return is gradual, not a jump.
+    p2, clock2 = pacer(max_delay=10.0)
+    throttle(p2, clock2, 6, spacing=6.0)
+    clock2.t += bound / 4
+    assert 0.0 < p2.interval < 10.0
+
+
+def test_a_full_batch_never_waits_for_the_interval():
+    p, clock = pacer(max_delay=10.0)
+    throttle(p, clock, 6, spacing=6.0)
+    p.on_call(clock.t)
+    assert p.wait(clock.t, full=False) > 5.0
+    assert p.wait(clock.t, full=True) == 0.0
+
+
+def test_ceiling_spaces_every_call_full_or_not():
+    p, clock = pacer(ceiling=4.0)
+    assert p.wait(clock.t, full=True) == 0.0
+    p.on_call(clock.t)
+    assert p.wait(clock.t, full=True) == pytest.approx(0.25)
+    assert p.wait(clock.t, full=False) == pytest.approx(0.25)
+    clock.t += 0.25
+    assert p.wait(clock.t, full=True) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.floats(0, 30), st.sampled_from(["call", "ok", "throttled"]),
+                              st.booleans()), max_size=200),
+       max_delay=st.floats(0, 60), ceiling=st.sampled_from([0.0, 0.5, 3.0]), seed=st.integers(0, 9))
+def test_pacing_never_exceeds_its_bounds(ops, max_delay, ceiling, seed):
+    p = Pacer(max_delay, ceiling, clock=FakeClock(0.0), rand=random.Random(seed))
+    now = 0.0
+    spacing = 1.0 / ceiling if ceiling else 0.0
+    for dt, op, full in ops:
+        now += dt
+        p.clock.t = now
+        if op == "call":
+            p.on_call(now)
+        else:
+            p.on_response(op == "throttled", now)
+        assert 0.0 <= p.interval <= max_delay
+        assert p.wait(now, full=True) <= spacing + 1e-9
+        assert p.wait(now, full=False) <= max(max_delay, spacing) + 1e-9
+        if not ceiling:
+            assert p.wait(now, full=True) == 0.0
+
+
+def test_what_counts_as_throttled():
+    assert pacing.is_throttled(Result({"a"}, [("b", "Throttling", "slow down")]))
+    assert not pacing.is_throttled(Result({"a"}, [("b", "InternalFailure", "")]))
+    assert not pacing.is_throttled(Result({"a"}, []))
+    assert pacing.is_throttled(RequestFailed("retry", "ThrottlingException", "rate", 400))
+    assert pacing.is_throttled(RequestFailed("retry", "Unknown", "", 429))
+    assert not pacing.is_throttled(RequestFailed("retry", "InternalFailure", "", 500))
+    assert not pacing.is_throttled(RequestFailed("pause", "AccessDeniedException", "", 403))
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_every_throttled_attempt_is_heard_once_botocore_retries_included(emulator, attempts):
+    emulator.set_faults(Faults(throttle_rate=1.0))
+    p, clock = pacer()
+    client = sender.make_client("us-east-1", emulator.url, retry_mode="standard",
+                                max_attempts=attempts)
+    pacing.hear_retried_throttles(client, p)
+    entry = events.build({"eventData": event(1)}, ACCOUNT).entry()
+    with pytest.raises(RequestFailed) as failed:
+        sender.Sender(client, CHANNEL_ARN).send([entry])
+    p.on_result(failed.value, clock.t)  # what the runner does with the last answer
+    throttled = sum(n for code, n in emulator.stats()["requests"].items() if "hrottl" in code)
+    assert throttled == attempts  # --max-attempts counts attempts, the first included
+    assert p.answers == p.throttled == attempts
+    assert p.interval >= pacing.MIN_START
+
+
+class SharedQuota:
+    """The emulator's token bucket: ``rate`` tokens a second, at most ``rate`` held."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.tokens = rate
+        self.last = 0.0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
+             per_second: int = 5, step: float = 0.02, linger: float = 0.2):
+    """``n`` sinks, each sealing a segment of ``per_second`` events every second (out of step),
+    sharing one quota; a throttled batch's events come back within a second (the runner's
+    retry), then wait for the pacer like any batch. Returns per-sink accepted calls and events
+    in the second half, the share of throttled calls and the events never delivered."""
+    rnd = random.Random(seed)
+    clock = FakeClock(0.0)
+    pacers = [Pacer(10.0 if paced else 0.0, 0.0, clock=clock, rand=random.Random(seed + i))
+              for i in range(n)]
+    quota_ = SharedQuota(quota)
+    next_seal = [rnd.random() for _ in range(n)]
+    pending = [[] for _ in range(n)]  # [since, count] oldest first
+    retry = [[] for _ in range(n)]  # [due, count]
+    written = delivered = calls = throttled = 0
+    late_calls = [0] * n
+    late_events = [0] * n
+    for k in range(int((seconds + 30) / step)):
+        now = clock.t = k * step
+        for i in range(n):
+            if now < seconds and now >= next_seal[i]:
+                pending[i].append([now, per_second])
+                written += per_second
+                next_seal[i] += 1.0
+            for r in [r for r in retry[i] if r[0] <= now]:
+                retry[i].remove(r)
+                pending[i].insert(0, [now - linger, r[1]])
+            count = sum(c for _, c in pending[i])
+            if not count:
+                continue
+            full = count >= 100
+            if not full and pending[i][0][0] + linger > now:
+                continue
+            if pacers[i].wait(now, full) > 0:
+                continue
+            take = left = min(100, count)
+            while left:
+                got = min(left, pending[i][0][1])
+                pending[i][0][1] -= got
+                left -= got
+                if not pending[i][0][1]:
+                    pending[i].pop(0)
+            pacers[i].on_call(now)
+            calls += 1
+            if quota_.take(now):
+                delivered += take
+                pacers[i].on_response(False, now + step / 2)
+                if now >= seconds / 2:
+                    late_calls[i] += 1
+                    late_events[i] += take
+            else:
+                throttled += 1
+                pacers[i].on_response(True, now + step / 2)
+                retry[i].append([now + rnd.random(), take])
+    return {"late_calls": late_calls, "late_events": late_events,
+            "throttled_share": throttled / calls, "lost": written - delivered,
+            "intervals": [p.interval for p in pacers]}
+
+
+def test_pacers_sharing_one_quota_converge_to_fair_shares_without_a_coordinator():
+    # 12 sinks x 1 segment/s against 3 calls/s: 4x over the quota, as in the benchmark.
+    paced = simulate(12, 3.0, 240.0, paced=True)
+    unpaced = simulate(12, 3.0, 240.0, paced=False)
+    assert paced["lost"] == unpaced["lost"] == 0
+    # Far fewer throttled calls than without pacing (which wastes nine calls in ten).
+    assert paced["throttled_share"] < 0.15 and unpaced["throttled_share"] > 0.9
+    # Fair: in the second half every sink delivered about what it wrote (none starved), and
+    # no sink got under a third of the mean of accepted calls.
+    mean_events = sum(paced["late_events"]) / 12
+    assert min(paced["late_events"]) >= 0.9 * mean_events
+    assert max(paced["late_events"]) <= 1.1 * mean_events
+    mean = sum(paced["late_calls"]) / 12
+    assert min(paced["late_calls"]) >= mean / 3
+
+
+def batch_item(i: int) -> Item:
+    built = events.build({"eventData": event(i)}, ACCOUNT)
+    assert isinstance(built, events.Prepared)
+    return Item(None, built, "t", 1.0)
+
+
+def test_batcher_holds_a_partial_batch_for_the_pacing_interval_not_a_full_one():
+    clock = FakeClock(100.0)
+    p = Pacer(10.0, 0.0, clock=clock, rand=random.Random(3))
+    b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=clock, pacer=p)
+    b.add(batch_item(0))
+    clock.t += 0.2
+    assert len(b.take(timeout=0)) == 1  # not paced yet: the plain linger
+    p.on_response(True, clock.t)  # the answer: throttled
+    interval = p.interval
+    assert interval >= pacing.MIN_START
+    b.add(batch_item(1))
+    clock.t += 0.2  # the linger is over, the pacing interval is not
+    assert b.take(timeout=0) is None
+    clock.t += interval * (1 + pacing.JITTER) - 0.2
+    assert [len(x) for x in [b.take(timeout=0)]] == [1]
+    # A full batch goes at once, even right after a call.
+    for i in range(2, 102):
+        b.add(batch_item(i))
+    assert len(b.take(timeout=0)) == 100
+    assert p.calls == 3
+
+
+def test_batcher_honours_the_ceiling_for_full_batches():
+    clock = FakeClock(100.0)
+    p = Pacer(10.0, 2.0, clock=clock, rand=random.Random(3))
+    b = Batcher(max_events=10, max_bytes=999_000, linger=0.2, clock=clock, pacer=p)
+    for i in range(30):
+        b.add(batch_item(i))
+    assert len(b.take(timeout=0)) == 10
+    assert b.take(timeout=0) is None  # full, but the ceiling is 2 calls/s
+    clock.t += 0.5
+    assert len(b.take(timeout=0)) == 10
+
+
+class ThrottlesTwice:
+    """A PutAuditEvents stand-in: the first call is refused with ThrottlingException, the second
+    answers per-event Throttling for its first event, every later one accepts everything."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def send(self, entries):
+        self.calls += 1
+        ids = [e["id"] for e in entries]
+        if self.calls == 1:
+            raise RequestFailed("retry", "ThrottlingException", "Rate exceeded", 400)
+        if self.calls == 2:
+            return Result(set(ids[1:]), [(ids[0], "Throttling", "slow down")])
+        return Result(set(ids), [])
+
+
+def test_the_runner_reports_throttling_to_the_pacer_and_the_metrics(tmp_path):
+    from test_delivery import config, metric, run_drain
+
+    from sinksupport import fill
+
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [event(i) for i in range(30)], max_events=10)
+    service = ThrottlesTwice()
+    runner = run_drain(config(spool_dir, max_in_flight=1, linger_ms=10_000), sender=service)
+    assert list((spool_dir / "ready").iterdir()) == []
+    assert metric(runner, "events_delivered_total") == 30
+    assert metric(runner, "calls_total") == service.calls >= 3
+    # Both kinds of throttling were heard (the second within the hold: counted, not doubled).
+    assert metric(runner, "throttled_calls_total") == 2
+    # Paced from the first throttle on (a little less since: it eases off with time).
+    assert 0.9 * pacing.MIN_START <= metric(runner, "pacing_interval_seconds") <= pacing.MIN_START
+    # Every segment's wait from its seal to its deletion was recorded.
+    assert metric(runner, "spool_wait_seconds_count") == 3
+    assert metric(runner, "batch_events_count") == service.calls - 1
+
+
+def test_pacing_options_come_from_flags_or_environment_and_bad_values_name_the_option(tmp_path):
+    import dataclasses
+
+    from cloudtrail_sink.config import ConfigError, SinkConfig, env_default
+
+    fields = {f.name: f for f in dataclasses.fields(SinkConfig)}
+    env = {"CLOUDTRAIL_SINK_MAX_CALLS_PER_SECOND": "0.3",
+           "CLOUDTRAIL_SINK_MAX_PACING_DELAY_MS": "5000"}
+    assert env_default(fields["max_calls_per_second"], env) == 0.3
+    assert env_default(fields["max_pacing_delay_ms"], env) == 5000
+    base = dict(spool_dir=str(tmp_path), channel_arn=CHANNEL_ARN)
+    for name, value, flag in (("max_calls_per_second", -1.0, "--max-calls-per-second"),
+                              ("max_calls_per_second", float("nan"), "--max-calls-per-second"),
+                              ("max_pacing_delay_ms", -1, "--max-pacing-delay-ms")):
+        with pytest.raises(ConfigError, match=flag):
+            SinkConfig(**base, **{name: value}).validate()
+    cfg = SinkConfig(**base).validate()
+    assert (cfg.max_pacing_delay_ms, cfg.max_calls_per_second, cfg.max_attempts) == (10_000, 0.0, 1)
