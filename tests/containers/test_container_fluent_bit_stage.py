@@ -21,6 +21,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import uuid
 
 import pytest
 import yaml
@@ -80,7 +81,8 @@ def test_a_broken_mapping_fails_the_build_naming_file_and_line(
 
 @pytest.fixture(scope="module")
 def fluent_bit_image(docker_engine, sink_image, base_image, wheelhouse_url):
-    tag = "cloudtrail-test/fluent-bit-layout:latest"
+    # A tag of its own: other checkouts may run this test on the same engine at the same time.
+    tag = f"cloudtrail-test/fluent-bit-layout:{uuid.uuid4().hex[:10]}"
     dockerkit.build_image(tag, "fluent-bit", build_args(base_image, wheelhouse_url))
     try:
         yield tag
