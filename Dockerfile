@@ -14,9 +14,11 @@
 # passed as build args for private mirrors. See docs/deploy.md.
 #
 # The spool (docs/spool.md) is shared by both containers: both images hold the same skeleton,
-# owned by uid/gid 10001 with setgid, group-writable folders, so a fresh named volume or hostPath
-# prepared the same way is writable by the sink (10001) and by Fluent Bit (uid 0 or 10001 with
-# gid 10001), and files Fluent Bit writes stay readable and deletable by the sink.
+# /var/spool/cloudtrail and its folders owned by uid/gid 10001, mode 2770 (setgid,
+# group-writable), so a fresh named volume or hostPath prepared the same way is writable by the
+# sink (10001) and by Fluent Bit (uid 0 or 10001 with gid 10001), and files Fluent Bit writes stay
+# readable and deletable by the sink. Docker seeds a fresh named volume with the image folder's
+# contents, owner and mode, so its root is 10001:10001 2770 too, whichever image seeds it.
 
 ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
 ARG FLUENT_BIT_IMAGE=fluent/fluent-bit:5.1.1
@@ -24,6 +26,9 @@ ARG FLUENT_BIT_IMAGE=fluent/fluent-bit:5.1.1
 # ---------------------------------------------------------------------------------------------
 # Build stage: the sink's virtualenv.
 FROM ${PYTHON_IMAGE} AS sink-build
+# Marks the containers of failed build steps (classic builder without --force-rm) for clean-up:
+# docker container prune --filter label=cloudtrail-lake-shipper.build-stage (docs/deploy.md).
+LABEL cloudtrail-lake-shipper.build-stage="sink-build"
 ARG PIP_INDEX_URL PIP_FIND_LINKS PIP_NO_INDEX PIP_TRUSTED_HOST PIP_CERT
 # sink/src/cloudtrail_sink/lua links to ../../../fluent-bit: the Lua modules ship in the package.
 COPY fluent-bit/ /src/fluent-bit/
@@ -69,15 +74,20 @@ USER 10001:10001
 # ---------------------------------------------------------------------------------------------
 # Build stage: mappings/*.yaml compiled to the data-only Lua file the filter loads, and the
 # folder skeletons for the Fluent Bit image (which has no shell to make them). Comes after `sink`
-# so that `--target sink` does not need it.
+# so that `--target sink` does not need it. The spool and tail folders are made inside a parent
+# that is copied, so COPY keeps their own owner and mode (a COPY destination folder it has to
+# create itself gets 0755).
 FROM sink-build AS mappings
+LABEL cloudtrail-lake-shipper.build-stage="mappings"
 COPY mappings/ /src/mappings/
 # --display-root: messages name mappings/40-sshd.yaml, as in the repository, not /src/mappings/...
 RUN mkdir -p /out \
  && /opt/cloudtrail-sink/bin/cloudtrail-sink mappings compile /src/mappings --display-root /src \
       -o /out/mappings.lua \
- && install -d -m 2770 -o 10001 -g 10001 /out/spool /out/spool/tmp /out/spool/ready \
-      /out/spool/failed /out/spool/rejected /out/spool/quarantine /out/fluent-bit-state \
+ && install -d -m 2770 -o 10001 -g 10001 /out/spool/cloudtrail /out/spool/cloudtrail/tmp \
+      /out/spool/cloudtrail/ready /out/spool/cloudtrail/failed /out/spool/cloudtrail/rejected \
+      /out/spool/cloudtrail/quarantine /out/fluent-bit-state \
+ && install -d -m 0755 /out/log/cloudtrail \
  && install -d -m 0755 -o 10001 -g 10001 /out/compiled-mappings
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +101,11 @@ LABEL org.opencontainers.image.title="cloudtrail-lake-shipper-fluent-bit" \
       org.opencontainers.image.revision="${REVISION}"
 COPY fluent-bit/ /fluent-bit/etc/
 COPY --from=mappings /out/mappings.lua /fluent-bit/etc/mappings.lua
-COPY --from=mappings --chown=10001:10001 /out/spool/ /var/spool/cloudtrail/
+COPY --from=mappings --chown=10001:10001 /out/spool/ /var/spool/
+# fluent-bit.yaml tails /var/log/cloudtrail/*.log. in_tail globs with GLOB_ERR, so a missing
+# folder is "read error, check permissions" at every scan; an empty one only a debug line
+# (fluent-bit plugins/in_tail/tail_scan_glob.c, flb_tail_scan).
+COPY --from=mappings /out/log/ /var/log/
 # Tail positions: /fluent-bit/state (fluent-bit.yaml), /var/lib/fluent-bit (the Kubernetes one).
 COPY --from=mappings --chown=10001:10001 /out/fluent-bit-state/ /fluent-bit/state/
 COPY --from=mappings --chown=10001:10001 /out/fluent-bit-state/ /var/lib/fluent-bit/

@@ -8,8 +8,17 @@ Sends, at ``--rate`` records per second (0: send nothing and exit 0, for real-AW
   when the ``msgpack`` module is importable (it is in the sink image), else as more syslog.
 
 Each record is new (fresh timestamps, counters), so the CloudTrail UIDs differ and every event
-shows on the emulator's page. Connection failures are retried every 2 s (Fluent Bit may start
-after this script). Standard library plus optional msgpack; nothing else.
+shows on the emulator's page. Connection failures are retried every ``--retry-seconds`` (Fluent
+Bit may start after this script, or restart). Standard library plus optional msgpack.
+
+Delivery: forward records are sent in Forward mode with a ``chunk`` option and kept until
+Fluent Bit answers ``{"ack": chunk}``; without that answer (Fluent Bit restarted, connection
+lost, no answer within ``--ack-timeout``) they are sent again on a new connection. So a
+Fluent Bit restart loses no forward record (it may duplicate one: same Falco uuid, same UID).
+Syslog over TCP has no acknowledgement: a line in flight when Fluent Bit stops can be lost.
+
+SIGTERM or SIGINT (``docker stop``, ``docker compose down``; this script is the container's
+PID 1, which gets no default signal handling) ends it at once with exit code 0.
 
     python demo_source.py --host 127.0.0.1 --rate 2 [--count N]
 """
@@ -20,9 +29,11 @@ import argparse
 import itertools
 import json
 import random
+import signal
 import socket
 import sys
 import time
+import uuid
 
 try:  # Fluent forward needs msgpack; without it Falco alerts are skipped.
     import msgpack
@@ -82,16 +93,12 @@ def falco_record(rng: random.Random, now: float, seq: int) -> dict:
     }
 
 
-def forward_message(tag: str, now: float, record: dict) -> bytes:
-    # Fluent forward "Message" mode: [tag, time, record].
-    return msgpack.packb([tag, int(now), record])
-
-
 class Sender:
-    """One TCP connection per port, reconnected on failure."""
+    """One TCP connection, reconnected on failure (syslog: no acknowledgement)."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, retry_seconds: float = 2.0):
         self.address = (host, port)
+        self.retry_seconds = retry_seconds
         self.sock: socket.socket | None = None
 
     def send(self, data: bytes) -> None:
@@ -102,15 +109,67 @@ class Sender:
                 self.sock.sendall(data)
                 return
             except OSError as exc:
-                print(f"demo: {self.address[0]}:{self.address[1]} not reachable ({exc}); "
-                      "retrying in 2 s", file=sys.stderr, flush=True)
-                self.close()
-                time.sleep(2)
+                self.retry(exc)
+
+    def retry(self, exc: Exception) -> None:
+        print(f"demo: {self.address[0]}:{self.address[1]}: {exc}; "
+              f"retrying in {self.retry_seconds:g} s", file=sys.stderr, flush=True)
+        self.close()
+        time.sleep(self.retry_seconds)
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+class AckedForward(Sender):
+    """Fluent forward, at least once: ``[tag, [[time, record], ...], {"chunk": id}]`` is sent
+    and its entries kept until Fluent Bit answers ``{"ack": id}``; else resent on a new
+    connection.
+
+    Fluent Bit's in_forward answers the ack after it appended the entries to its input, and
+    appending runs the filters (fluent-bit plugins/in_forward/fw_prot.c, fw_prot_process:
+    flb_input_log_append per entry, then send_ack; src/flb_input_chunk.c: flb_filter_do inside
+    the append). Our Lua filter has then written the event to the spool, unbuffered. That holds
+    while the forward input runs on the engine's thread, as fluent-bit.yaml configures it (no
+    ``threaded: on``, whose appends go through a ring buffer and may follow the ack).
+    """
+
+    def __init__(self, host: str, port: int, tag: str, retry_seconds: float = 2.0,
+                 ack_timeout: float = 10.0):
+        super().__init__(host, port, retry_seconds)
+        self.tag, self.ack_timeout = tag, ack_timeout
+        self.pending: list[list] = []  # [time, record] entries not acknowledged yet
+
+    def send_record(self, now: float, record: dict) -> None:
+        self.pending.append([int(now), record])
+        while self.pending:
+            try:
+                self._send_pending()
+            except (OSError, ValueError) as exc:
+                self.retry(exc)
+
+    def _send_pending(self) -> None:
+        if self.sock is None:
+            self.sock = socket.create_connection(self.address, timeout=5)
+        chunk = uuid.uuid4().hex
+        self.sock.sendall(msgpack.packb([self.tag, self.pending, {"chunk": chunk}]))
+        self.sock.settimeout(self.ack_timeout)
+        replies = msgpack.Unpacker(raw=False)
+        while True:
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError("connection closed before the ack")
+            replies.feed(data)
+            for reply in replies:
+                if isinstance(reply, dict) and reply.get("ack") == chunk:
+                    self.pending.clear()
+                    return
+
+
+def _stop(signum, frame):
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,20 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="records per second (0: none)")
     parser.add_argument("--count", type=int, default=0, help="stop after N records (0: never)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--retry-seconds", type=float, default=2.0,
+                        help="wait before reconnecting after a failure")
+    parser.add_argument("--ack-timeout", type=float, default=10.0,
+                        help="seconds to wait for Fluent Bit's forward ack before resending")
     args = parser.parse_args(argv)
     if args.rate <= 0:
         print("demo: rate 0, sending nothing", flush=True)
         return 0
+    # PID 1 in a container gets no default action for SIGTERM: without a handler, `docker stop`
+    # waits its 10 s and kills.
+    previous = signal.signal(signal.SIGTERM, _stop)
     rng = random.Random(args.seed)
-    syslog = Sender(args.host, args.syslog_port)
-    forward = Sender(args.host, args.forward_port)
+    syslog = Sender(args.host, args.syslog_port, args.retry_seconds)
+    forward = AckedForward(args.host, args.forward_port, "falco", args.retry_seconds,
+                           args.ack_timeout)
     print(f"demo: sending {args.rate:g} records/s to {args.host}", flush=True)
     try:
         for seq in itertools.count(1):
             now = time.time()
             kind = seq % 3
             if kind == 0 and msgpack is not None:
-                forward.send(forward_message("falco", now, falco_record(rng, now, seq)))
+                forward.send_record(now, falco_record(rng, now, seq))
             elif kind == 1:
                 syslog.send(neuvector_line(rng, now, seq))
             else:
@@ -147,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         syslog.close()
         forward.close()
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

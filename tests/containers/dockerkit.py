@@ -139,9 +139,11 @@ class Wheelhouse:
 
 def build_image(tag: str, target: str, build_args: dict[str, str],
                 context: pathlib.Path = REPO, dockerfile: pathlib.Path | None = None,
-                timeout: float = 900) -> str:
+                timeout: float = 900, force_rm: bool = True) -> str:
     # --force-rm: vfs keeps a full copy of the file system per failed step's container.
-    cmd = ["docker", "build", "--force-rm", "--network", "host", "--target", target, "-t", tag]
+    # Without it, a failed step's container stays, as after Compose v1's `up --build`.
+    cmd = ["docker", "build", "--force-rm" if force_rm else "--rm", "--network", "host",
+           "--target", target, "-t", tag]
     if dockerfile is not None:
         cmd += ["-f", str(dockerfile)]
     for key, value in build_args.items():
