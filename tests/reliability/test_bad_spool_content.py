@@ -5,7 +5,8 @@
   (with a ``.reason.json`` naming offset and size), the segment leaves ``ready/``;
 - bytes that are not msgpack at all: all of them quarantined, nothing delivered;
 - an empty segment: it does not block delivery of the others;
-- decodable values that are not events: ``failed/`` as ``MalformedRecord``, neighbours delivered;
+- decodable maps that are not events: ``failed/`` as ``MalformedRecord``; values that are not
+  maps at all: ``quarantine/`` (a run of them is one entry); neighbours delivered;
 - random bytes: the same accounting holds (nothing lost, the sink keeps going);
 - symlinks, FIFOs, folders and names not ending in ``.seg`` in ``ready/``: never opened, never
   deleted, never delivered (a symlink to a readable segment outside the spool must not ship it).
@@ -103,14 +104,15 @@ def test_damaged_segments_deliver_the_good_part_and_quarantine_the_rest(tmp_path
 
 
 @pytest.mark.timeout(120)
-def test_values_that_are_not_events_are_dead_lettered_as_malformed(tmp_path, procs, sink_env):
+def test_values_that_are_not_events_are_dead_lettered_or_quarantined(tmp_path, procs, sink_env):
     from cloudtrail_sink.spool import ensure_layout
 
     spool = tmp_path / "spool"
     lay = ensure_layout(spool)
-    data = (_record("mf-0") + msgpack.packb("a bare string") + _record("mf-1")
-            + msgpack.packb({"tag": "no eventData here"}) + msgpack.packb([1, 2, 3])
-            + msgpack.packb({"eventData": "not a map"}) + _record("mf-2"))
+    parts = [_record("mf-0"), msgpack.packb("a bare string"), _record("mf-1"),
+             msgpack.packb({"tag": "no eventData here"}), msgpack.packb([1, 2, 3]),
+             msgpack.packb({"eventData": "not a map"}), _record("mf-2")]
+    data = b"".join(parts)
     with open(os.path.join(lay.ready, _name(1)), "wb") as f:
         f.write(data)
 
@@ -118,10 +120,17 @@ def test_values_that_are_not_events_are_dead_lettered_as_malformed(tmp_path, pro
 
     assert sorted(stored) == ["mf-0", "mf-1", "mf-2"]
     lines = relsupport.failed_lines(spool)
-    assert [l["errorCode"] for l in lines] == ["MalformedRecord"] * 4, lines
+    assert [l["errorCode"] for l in lines] == ["MalformedRecord"] * 2, lines
     assert all(l["errorMessage"] for l in lines)
     assert relsupport.spool_files(spool, "ready") == []
-    assert relsupport.spool_files(spool, "quarantine") == []
+    # The two values that are not maps: each quarantined with exactly its bytes.
+    for i in (1, 4):
+        offset = len(b"".join(parts[:i]))
+        entry = f"{_name(1)}.{offset:012d}"
+        with open(os.path.join(spool, "quarantine", entry), "rb") as f:
+            assert f.read() == parts[i]
+        assert _reason(spool, entry)["end"] == offset + len(parts[i])
+    assert len(relsupport.spool_files(spool, "quarantine")) == 4
 
 
 @pytest.mark.timeout(180)
@@ -148,20 +157,34 @@ def test_random_bytes_are_accounted_for(tmp_path, procs, sink_env, seed):
     for i in range(4):
         assert stored.count(f"rb{seed}-{i}") == 1
     assert stored.count(f"rb{seed}-after") == 1
-    quarantined = relsupport.spool_files(spool, "quarantine")
-    offset = len(data)
-    if name in quarantined:
-        reason = _reason(spool, name)
-        offset = reason["offset"]
-        assert len(head) <= offset < len(data) and reason["size"] == len(data), reason
-        with open(os.path.join(spool, "quarantine", name), "rb") as f:
-            assert f.read() == data[offset:], "quarantined bytes differ from the segment's rest"
-    # Every value the sink decoded between the good records and the bad byte is a dead letter.
-    unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False)
-    unpacker.feed(data[len(head):offset])
-    values = list(unpacker)
+    # Every byte after the good records is quarantined verbatim or decodes to a map that is a
+    # MalformedRecord dead letter; quarantined runs never overlap.
+    covered = []
+    for entry in relsupport.spool_files(spool, "quarantine"):
+        if not entry.startswith(name) or entry.endswith(".reason.json"):
+            continue
+        reason = _reason(spool, entry)
+        end = reason.get("end", len(data))
+        assert len(head) <= reason["offset"] < end <= len(data) == reason["size"], reason
+        with open(os.path.join(spool, "quarantine", entry), "rb") as f:
+            assert f.read() == data[reason["offset"]:end], "quarantined bytes differ"
+        covered.append((reason["offset"], end))
+    covered.sort()
+    gaps, pos = [], len(head)
+    for start, end in covered:
+        assert start >= pos, "quarantined runs overlap"
+        gaps.append((pos, start))
+        pos = end
+    gaps.append((pos, len(data)))
+    maps = 0
+    for start, end in gaps:
+        unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False)
+        unpacker.feed(data[start:end])
+        values = list(unpacker)
+        assert all(isinstance(v, dict) for v in values), values[:5]
+        maps += len(values)
     lines = relsupport.failed_lines(spool)
-    assert len(lines) == len(values), (len(lines), values[:5])
+    assert len(lines) == maps, (len(lines), maps)
     assert {l["errorCode"] for l in lines} <= {"MalformedRecord"}
 
 

@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ACCOUNT = "123456789012"
@@ -94,3 +95,35 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def drain_config(spool_dir, url=None, **kw):
+    """A ``run --drain`` configuration for in-process runs: quick linger and backoff."""
+    from cloudtrail_sink.config import SinkConfig
+
+    base = dict(spool_dir=str(spool_dir), channel_arn=CHANNEL_ARN, endpoint_url=url, listen="",
+                drain=True, linger_ms=20, max_backoff_seconds=0.3, grace_seconds=5)
+    base.update(kw)
+    return SinkConfig(**base).validate()
+
+
+def run_drain(cfg, rc: int = 0, **kw):
+    """Run a Runner to the end of its drain in a thread; asserts its exit code is ``rc``."""
+    from cloudtrail_sink.runner import Runner
+
+    runner = Runner(cfg, **kw)
+    done = threading.Event()
+    result = {}
+
+    def go():
+        result["rc"] = runner.run()
+        done.set()
+
+    t = threading.Thread(target=go, name="test-runner", daemon=True)
+    t.start()
+    if not done.wait(90):
+        runner.request_stop()
+        t.join(10)
+        raise AssertionError("sink did not drain within 90 s")
+    assert result["rc"] == rc
+    return runner

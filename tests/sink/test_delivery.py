@@ -19,34 +19,8 @@ from cloudtrail_sink.emulator import Faults
 from cloudtrail_sink.runner import Runner
 from cloudtrail_sink.sender import RequestFailed, Result
 
-from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, event, failed_lines, fill,
-                         stored_uids, uids_in_segment, wait_for)
-
-
-def config(spool_dir, url=None, **kw) -> SinkConfig:
-    base = dict(spool_dir=str(spool_dir), channel_arn=CHANNEL_ARN, endpoint_url=url, listen="",
-                drain=True, linger_ms=20, max_backoff_seconds=0.3, grace_seconds=5)
-    base.update(kw)
-    return SinkConfig(**base).validate()
-
-
-def run_drain(cfg, **kw) -> Runner:
-    runner = Runner(cfg, **kw)
-    done = threading.Event()
-    result = {}
-
-    def go():
-        result["rc"] = runner.run()
-        done.set()
-
-    t = threading.Thread(target=go, name="test-runner", daemon=True)
-    t.start()
-    if not done.wait(90):
-        runner.request_stop()
-        t.join(10)
-        raise AssertionError("sink did not drain within 90 s")
-    assert result["rc"] == 0
-    return runner
+from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, drain_config as config, event,
+                         failed_lines, fill, run_drain, stored_uids, uids_in_segment, wait_for)
 
 
 def metric(runner, name, labels=None):

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from cloudtrail_sink import spool, watcher
+from cloudtrail_sink.delivery import reader as segment_reader
 from cloudtrail_sink.config import SinkConfig
 from cloudtrail_sink.runner import EXIT_INCOMPLETE, Runner, acquire_lock, read_retry_seconds
 from cloudtrail_sink.sender import Result
@@ -89,10 +90,10 @@ def test_a_pending_limit_below_the_refused_flush_size_does_not_hang(tmp_path):
 
 def failing_reads(monkeypatch, times: int, after: int = 4):
     """The first ``times`` segment reads fail with EIO after ``after`` records."""
-    real = spool.read_records
+    real = segment_reader.read_segment
     left = {"n": times}
 
-    def read_records(f):
+    def read_segment(f):
         fail = left["n"] > 0
         left["n"] -= 1
         for i, entry in enumerate(real(f)):
@@ -100,7 +101,7 @@ def failing_reads(monkeypatch, times: int, after: int = 4):
                 raise OSError(errno.EIO, "Input/output error")
             yield entry
 
-    monkeypatch.setattr(spool, "read_records", read_records)
+    monkeypatch.setattr(segment_reader, "read_segment", read_segment)
 
 
 def test_a_failed_read_is_released_and_read_again_later(tmp_path, monkeypatch):

@@ -163,13 +163,13 @@ def test_entry_size_is_exactly_what_botocore_sends():
     assert len(req["body"]) == events.request_size([b.size for b in built])
 
 
-def test_deeply_nested_events_are_serialized_like_the_json_module_does():
+def test_events_nested_deeper_than_the_emulator_reads_are_refused_before_sending():
     deep = {}
     cur = deep
-    for _ in range(300):  # deeper than orjson's 254 levels; the Lua writer allows 250
+    for _ in range(300):  # deeper than schema.MAX_DEPTH; the Lua writer allows 250
         cur["a"] = {}
         cur = cur["a"]
     data = event(1, additionalEventData=deep, version="1.0", recipientAccountId=ACCOUNT)
     built = events.build({"eventData": data}, ACCOUNT)
-    assert isinstance(built, events.Prepared)
-    assert json.loads(built.text) == data and built.checksum == schema.checksum(built.text)
+    assert isinstance(built, events.Rejected) and built.code == "InvalidData"
+    assert schema.check_event_text(schema.dumps(data), ACCOUNT).code == "InvalidData"

@@ -22,11 +22,12 @@ from typing import Callable
 
 
 class Segment:
-    __slots__ = ("name", "path", "outstanding", "records", "read_complete", "done")
+    __slots__ = ("name", "path", "outstanding", "records", "read_complete", "done", "journal")
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str, journal=None):
         self.name = name
         self.path = path
+        self.journal = journal  # delivery.journal.AckJournal, or None (dry run)
         self.outstanding = 0
         self.records = 0
         self.read_complete = False
@@ -45,8 +46,8 @@ class Ledger:
         self.last_progress = clock()
         self._cond = threading.Condition()
 
-    def open(self, name: str, path: str) -> Segment:
-        seg = Segment(name, path)
+    def open(self, name: str, path: str, journal=None) -> Segment:
+        seg = Segment(name, path, journal)
         with self._cond:
             self.open_segments[name] = seg
         return seg

@@ -34,8 +34,10 @@ Guarantees (the product's promise):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +53,9 @@ from .backoff import FullJitter, Pause
 from .batcher import Batcher, Item
 from .config import ConfigError, SinkConfig, parse_listen
 from .deadletter import DeadLetters, failure_line
+from .delivery.journal import AckJournal, remove_orphans
+from .delivery import reader as segment_reader
+from .delivery.reader import Junk
 from .ledger import Ledger, Segment
 from .metrics import Metrics
 from .sender import RETRYABLE_EVENT_CODES, RequestFailed, Result, Sender, make_client
@@ -66,6 +71,40 @@ RETRY_FAILED_SEGMENT_SECONDS = 30.0
 MAX_RETRY_FAILED_SEGMENT_SECONDS = 3600.0
 EXIT_INCOMPLETE = 4
 DRY_RUN_ACCOUNT = "000000000000"
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """A record the pre-send check refused, waiting to be dead-lettered with its bytes."""
+
+    built: events.Rejected
+    offset: int
+    raw: bytes
+    tag: Any
+    time: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Dead:
+    """One event on its way to ``failed/``: where it came from and why."""
+
+    seg: Segment
+    offset: int
+    id: str
+    code: str
+    message: str
+    event_data: Any
+    raw: bytes | None
+    tag: Any
+    time: Any
+
+
+def _event_data(text: str) -> Any:
+    """The sent ``eventData`` text as a value for its dead letter (the text if unreadable)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def every_copy(items: list) -> list:
@@ -207,6 +246,9 @@ class Runner:
         if not cfg.dry_run:
             self._lock_fd = acquire_lock(self.layout)
         try:
+            if not cfg.dry_run:
+                spool.ensure_acks(self.layout)
+                remove_orphans(self.layout.acks, self.layout.ready)
             if cfg.listen and not cfg.dry_run:
                 from .httpserver import StatusServer
                 host, port = parse_listen(cfg.listen)
@@ -415,8 +457,12 @@ class Runner:
                       extra={"segment": name, "error": exc.strerror})
             self.queue.done(name)
             return
-        seg = self.ledger.open(name, path)
-        rejected: list[tuple[str, str, str, Any, Any, Any]] = []
+        journal = None if self.cfg.dry_run else AckJournal(self.layout.acks, name,
+                                                             self.layout.failed)
+        seg = self.ledger.open(name, path, journal)
+        # Records a sink before this one already settled (accepted or dead-lettered).
+        settled = journal.settled() if journal is not None else ()
+        rejected: list[Refused] = []
         self._read_state = (seg, rejected)
         ready: list[Item] = []
         records = 0
@@ -433,13 +479,17 @@ class Runner:
             ready.clear()
 
         with f:
-            for entry in spool.read_records(f):
-                if entry.__class__ is spool.DecodeError:
+            for entry in segment_reader.read_segment(f):
+                if entry.__class__ is Junk:
                     hand_on()
                     self._quarantine(f, name, entry, records)
-                    break
-                record = entry[1]
+                    if entry.end is None:
+                        break
+                    continue
                 records += 1
+                if settled and entry.offset in settled:
+                    continue
+                record = entry.value
                 if ledger.pending + len(ready) >= limit or len(ready) >= HAND_ON_EVERY:
                     hand_on()
                     if ledger.pending >= limit and rejected:
@@ -454,18 +504,22 @@ class Runner:
                     if self._stop.is_set():
                         ledger.abandon(seg)
                         return
-                built = build(record, account, max_bytes)
-                if built.__class__ is not Prepared and account is None:
-                    built = self._build_for_unknown_account(record, built, max_bytes)
-                if record.__class__ is dict:
-                    tag, when = record.get("tag"), record.get("time")
-                else:
-                    tag = when = None
+                try:
+                    built = build(record, account, max_bytes)
+                    if built.__class__ is not Prepared and account is None:
+                        built = self._build_for_unknown_account(record, built, max_bytes)
+                except Exception as exc:  # noqa: BLE001 - no content may stop a segment
+                    built = events.Rejected(
+                        "r" + hashlib.sha256(entry.raw(f)).hexdigest()[:64], "InvalidData",
+                        f"sink: record cannot be checked ({type(exc).__name__})",
+                        record.get("eventData"))
+                tag, when = record.get("tag"), record.get("time")
                 if built.__class__ is Prepared:
+                    built.offset = entry.offset
                     ready.append(Item(seg, built, tag, when))
                 else:
                     ledger.add(seg)
-                    rejected.append((built.id, built.code, built.message, built.event_data, tag, when))
+                    rejected.append(Refused(built, entry.offset, entry.raw(f), tag, when))
                     if len(rejected) >= REJECTED_FLUSH:
                         self._reject(seg, rejected)
                         rejected.clear()
@@ -486,45 +540,69 @@ class Runner:
         return events.build({**record, "eventData": {**data, "recipientAccountId": DRY_RUN_ACCOUNT}},
                             None, max_bytes)
 
-    def _reject(self, seg: Segment, rejected: list) -> None:
+    def _reject(self, seg: Segment, rejected: list[Refused]) -> None:
         """Dead-letter events the pre-send check refused (no API call spent on them)."""
-        now = self.clock()
-        lines = [failure_line(code=code, message=msg, segment=seg.name, tag=tag, time_=when,
-                              id=eid, event_data=data, failed_at=now)
-                 for eid, code, msg, data, tag, when in rejected]
+        units = [Dead(seg, r.offset, r.built.id, r.built.code, r.built.message,
+                      r.built.event_data, r.raw, r.tag, r.time) for r in rejected]
         while True:
             try:
-                path = self._write_dead(lines)
+                path = self._write_dead(units)
                 break
             except OSError as exc:
                 log.error("cannot write failed/ file; retrying", extra={"error": exc.strerror})
                 if self._stop.wait(self.jitter.delay(5)):
                     self.ledger.abandon(seg)
                     raise
-        counts = collections.Counter(r[1] for r in rejected)
-        for code, n in counts.items():
-            self.metrics.failed.labels(code).inc(n)
         log.info("events refused by the pre-send check went to failed/", extra={
-            "segment": seg.name, "file": path and os.path.basename(path), "codes": dict(counts)})
-        self.ledger.finalize(seg, len(rejected))
+            "segment": seg.name, "file": path and os.path.basename(path),
+            "codes": dict(collections.Counter(u.code for u in units))})
+        self.ledger.finalize(seg, len(units))
 
-    def _write_dead(self, lines: list[dict]) -> str | None:
+    def _write_dead(self, units: list[Dead]) -> str | None:
+        """The one way events become dead letters: one ``failed/`` file for ``units``, their
+        segments' journals told just before it appears. Raises only ``OSError`` (the disk);
+        the caller finalizes the events after it returned."""
+        now = self.clock()
+        lines = [failure_line(code=u.code, message=u.message, segment=u.seg.name, tag=u.tag,
+                              time_=u.time, id=u.id, event_data=u.event_data, failed_at=now,
+                              raw=u.raw) for u in units]
         if self.cfg.dry_run:
             for line in lines:
                 sys.stderr.write(json.dumps({"wouldFail": line["errorCode"], "id": line["id"],
                                              "errorMessage": line["errorMessage"],
                                              "segment": line["segment"]}) + "\n")
             return None
-        return self.dead.write(lines)
 
-    def _quarantine(self, f, name: str, err: spool.DecodeError, records: int) -> None:
+        def intent(name: str) -> None:
+            per_seg: dict = {}
+            for u in units:
+                per_seg.setdefault(u.seg, []).append(u.offset)
+            for seg, offsets in per_seg.items():
+                if seg.journal is not None:
+                    seg.journal.dead_lettered(name, offsets)
+
+        path = self.dead.write(lines, intent=intent)
+        for code, n in collections.Counter(u.code for u in units).items():
+            self.metrics.failed.labels(code).inc(n)
+        return path
+
+    def _quarantine(self, f, name: str, junk: Junk, records: int) -> None:
         self.metrics.quarantined.inc()
-        log.error("segment has undecodable bytes; the rest goes to quarantine/", extra={
-            "segment": name, "offset": err.offset, "size": err.size, "error": err.error,
-            "records_before": records})
+        size = os.fstat(f.fileno()).st_size
+        log.error("segment has bytes that hold no record; they go to quarantine/", extra={
+            "segment": name, "offset": junk.offset, "end": junk.end, "size": size,
+            "error": junk.error, "records_before": records})
         if self.cfg.dry_run:
             return
-        self.dead.quarantine(f, name, err.offset, err.size, err.error, records)
+        while True:
+            try:
+                self.dead.quarantine(f, name, junk.offset, size, junk.error, records, junk.end)
+                return
+            except OSError as exc:
+                # Deleting the segment without its quarantined bytes would lose them.
+                log.error("cannot write to quarantine/; retrying", extra={"error": exc.strerror})
+                if self._stop.wait(self.jitter.delay(5)):
+                    raise
 
     def _segment_complete(self, seg: Segment) -> None:
         if not self.cfg.dry_run:
@@ -545,6 +623,8 @@ class Runner:
                     "segment": seg.name, "error": exc.strerror,
                     "retry_in_seconds": RETRY_FAILED_SEGMENT_SECONDS})
                 return
+            if seg.journal is not None:
+                seg.journal.remove()
             self.metrics.deleted.inc()
             self._read_failures.pop(seg.name, None)
             log.debug("segment delivered and deleted", extra={"segment": seg.name,
@@ -631,20 +711,17 @@ class Runner:
             self._dead_letter(dead, settled)
         for seg, units in delivered.items():
             settled.update(units)
+            if seg.journal is not None:
+                seg.journal.accepted([u.p.offset for u in units])
             self.ledger.finalize(seg, len(units))
         if n_delivered:
             self.metrics.delivered.inc(n_delivered)
 
     def _dead_letter(self, dead: list[tuple[Item, str, str]], settled: set) -> None:
-        now = self.clock()
-        lines = []
-        for it, code, msg in dead:
-            for x in it.all():
-                lines.append(failure_line(code=code, message=msg, segment=x.seg.name, tag=x.tag,
-                                          time_=x.time, id=x.p.id,
-                                          event_data=json.loads(x.p.text), failed_at=now))
+        units = [Dead(x.seg, x.p.offset, x.p.id, code, msg, _event_data(x.p.text), None, x.tag,
+                      x.time) for it, code, msg in dead for x in it.all()]
         try:
-            path = self._write_dead(lines)
+            path = self._write_dead(units)
         except OSError as exc:
             log.error("cannot write failed/ file; those events will be sent again",
                       extra={"error": exc.strerror})
@@ -653,11 +730,9 @@ class Runner:
                 settled.update(it.all())
                 self.batcher.retry([it], self.jitter.delay(it.attempts))
             return
-        counts = collections.Counter(line["errorCode"] for line in lines)
-        for code, n in counts.items():
-            self.metrics.failed.labels(code).inc(n)
         log.warning("events rejected by the service went to failed/", extra={
-            "file": path and os.path.basename(path), "codes": dict(counts)})
+            "file": path and os.path.basename(path),
+            "codes": dict(collections.Counter(u.code for u in units))})
         per_seg: dict = {}
         for it, _, _ in dead:
             for x in it.all():

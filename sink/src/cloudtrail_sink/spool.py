@@ -37,6 +37,7 @@ import msgpack
 
 FOLDERS = ("tmp", "ready", "failed", "rejected", "quarantine")
 LOCK_NAME = "sink.lock"
+ACKS = "acks"  # the sink's ack journals (delivery/journal.py); not a spool folder writers know
 DIR_MODE = 0o750
 
 WRITER_RE = re.compile(r"\A[A-Za-z0-9_]{1,64}\Z")
@@ -59,11 +60,13 @@ class Layout:
     rejected: str
     quarantine: str
     lock: str
+    acks: str = ""
 
 
 def layout(root: str | os.PathLike) -> Layout:
     root = os.fspath(root)
-    return Layout(root, *(os.path.join(root, f) for f in FOLDERS), os.path.join(root, LOCK_NAME))
+    return Layout(root, *(os.path.join(root, f) for f in FOLDERS), os.path.join(root, LOCK_NAME),
+                  os.path.join(root, ACKS))
 
 
 def ensure_layout(root: str | os.PathLike) -> Layout:
@@ -73,6 +76,11 @@ def ensure_layout(root: str | os.PathLike) -> Layout:
     for folder in FOLDERS:
         os.makedirs(os.path.join(lay.root, folder), mode=DIR_MODE, exist_ok=True)
     return lay
+
+
+def ensure_acks(lay: Layout) -> None:
+    """The sink's own ``acks/`` folder (per-segment ack journals), created when missing."""
+    os.makedirs(lay.acks, mode=DIR_MODE, exist_ok=True)
 
 
 def writer_name(kind: str, rand: random.Random | None = None, pid: int | None = None) -> str:
@@ -181,7 +189,13 @@ class SpoolWriter:
                                   "time": float(self.clock() if time is None else time)}
         if id is not None:
             record["id"] = str(id)
-        data = self._packer.pack(record)
+        try:
+            data = self._packer.pack(record)
+        except BaseException:
+            # A value msgpack cannot hold (integer beyond 64 bits, nesting beyond its limit)
+            # may leave part of it in the packer's buffer: the next record must not carry it.
+            self._packer.reset()
+            raise
         if self._file is not None and self.max_age is not None:
             self.tick()
         if self._file is None:
@@ -194,7 +208,11 @@ class SpoolWriter:
             self._opened_at = self.clock()
             self._count = 0
             self._bytes = 0
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError:
+            self.discard()
+            raise
         self._count += 1
         self._bytes += len(data)
         self.events_written += 1
@@ -226,15 +244,36 @@ class SpoolWriter:
         f, path = self._file, self._path
         self._file = self._path = None
         try:
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-            # Renamed while the lock is still held; closing releases it.
-            dest = publish(self.layout, path, self.writer, self.seq, self.clock)
-        finally:
-            f.close()
+            try:
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+                # Renamed while the lock is still held; closing releases it.
+                dest = publish(self.layout, path, self.writer, self.seq, self.clock)
+            finally:
+                f.close()
+        except OSError:
+            _unlink_quietly(path)  # a full disk must not leave a partial segment behind
+            raise
         self.sealed.append(dest)
         return dest
+
+    @property
+    def open_events(self) -> int:
+        """Events written into the segment not yet sealed (lost if it is discarded)."""
+        return self._count if self._file is not None else 0
+
+    def discard(self) -> None:
+        """Drop the open segment and its ``tmp/`` file (after a write failed)."""
+        f, path = self._file, self._path
+        self._file = self._path = None
+        if f is None:
+            return
+        try:
+            f.close()
+        except OSError:
+            pass  # its buffered bytes could not be written either: they go with the file
+        _unlink_quietly(path)
 
     def close(self) -> None:
         """Seal the open segment; with ``fsync``, also make the renames durable (once)."""
@@ -247,6 +286,14 @@ class SpoolWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _unlink_quietly(path: str | None) -> None:
+    try:
+        if path:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 class NotRegularFile(OSError):
