@@ -109,7 +109,7 @@ def drain_config(spool_dir, url=None, **kw):
 
 def run_drain(cfg, rc: int = 0, **kw):
     """Run a Runner to the end of its drain in a thread; asserts its exit code is ``rc``."""
-    from cloudtrail_sink.runner import Runner
+    from cloudtrail_sink.delivery.coordinator import Runner
 
     runner = Runner(cfg, **kw)
     done = threading.Event()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 
-from cloudtrail_sink.runner import Runner
+from cloudtrail_sink.delivery.coordinator import Runner
 from cloudtrail_sink.sender import RequestFailed, Result
 
 from sinksupport import (drain_config, event, failed_lines, fill, run_drain, uids_in_segment,

@@ -16,7 +16,7 @@ import pytest
 
 from cloudtrail_sink.config import SinkConfig
 from cloudtrail_sink.emulator import Faults
-from cloudtrail_sink.runner import Runner
+from cloudtrail_sink.delivery.coordinator import Runner
 from cloudtrail_sink.sender import RequestFailed, Result
 
 from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, drain_config as config, event,
@@ -259,7 +259,7 @@ def test_memory_stays_bounded_by_the_pending_limit(tmp_path):
     class Slow(ScriptedService):
         def send(self, entries):
             nonlocal peak
-            peak = max(peak, runner.ledger.pending)
+            peak = max(peak, runner.segments.pending)
             return super().send(entries)
 
     runner = Runner(config(spool_dir, max_pending_events=250, max_in_flight=2, linger_ms=10_000),
@@ -283,8 +283,8 @@ def test_healthz_fails_when_events_are_stuck_and_not_while_paused(tmp_path):
     now = [1000.0]
     runner = Runner(config(tmp_path / "spool", stuck_seconds=60), sender=ScriptedService(),
                     monotonic=lambda: now[0])
-    seg = runner.ledger.open("s", "/nonexistent")
-    runner.ledger.add(seg, 5)
+    seg, _ = runner.segments.open("s", "/nonexistent")
+    runner.segments.add(seg, 5)
     assert runner.health()[0]
     now[0] += 61
     ok, info = runner.health()
@@ -293,7 +293,7 @@ def test_healthz_fails_when_events_are_stuck_and_not_while_paused(tmp_path):
     assert runner.health()[0]  # paused for a configuration error: not a reason to restart
     assert not runner.ready()[0]
     runner.pause.succeed()
-    runner.ledger.finalize(seg, 5)
+    runner.segments.accepted(seg, [0, 1, 2, 3, 4])
     assert runner.health()[0] and runner.ready()[0]
 
 

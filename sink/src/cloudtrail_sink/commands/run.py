@@ -62,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
 
-    from ..runner import LockHeld, Runner
+    from ..delivery.coordinator import Runner
+    from ..spool.lock import LockHeld
 
     try:
         runner = Runner(cfg)
