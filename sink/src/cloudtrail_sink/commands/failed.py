@@ -19,9 +19,10 @@ import os
 import sys
 
 from .. import spool
+from . import SubParsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("failed", help="list or replay dead-lettered events")
     sub = parser.add_subparsers(dest="failed_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])

@@ -33,9 +33,10 @@ from typing import Any, Iterator
 import msgpack
 
 from .. import spool
+from . import SubParsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("rejected",
                                    help="list, show or replay records no mapping rule took")
     sub = parser.add_subparsers(dest="rejected_command", metavar="SUBCOMMAND")

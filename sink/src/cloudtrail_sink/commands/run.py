@@ -14,12 +14,13 @@ import os
 import sys
 
 from ..config import ConfigError, SinkConfig, env_default
+from . import SubParsers
 
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "run", help="deliver spooled events into CloudTrail Lake",
         description="Watch SPOOL/ready and deliver its events with PutAuditEvents, at least once.",

@@ -28,9 +28,10 @@ import time
 from typing import Iterator
 
 from .. import spool
+from . import SubParsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("spool", help="write events into a spool; show its contents")
     sub = parser.add_subparsers(dest="spool_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
