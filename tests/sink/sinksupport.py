@@ -51,7 +51,9 @@ def failed_lines(spool_dir) -> list[dict]:
     out = []
     folder = pathlib.Path(spool_dir) / "failed"
     for p in sorted(folder.glob("*.jsonl")):
-        out += [json.loads(line) for line in p.read_text().splitlines() if line]
+        # Lines end at "\n" only: str.splitlines() would also cut at U+0085 and U+2028 that
+        # JSON text may hold unescaped.
+        out += [json.loads(line) for line in p.read_text().split("\n") if line]
     return out
 
 
