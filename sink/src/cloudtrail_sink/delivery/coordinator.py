@@ -40,7 +40,7 @@ from .. import spool
 from ..backoff import FullJitter, Pause
 from ..batcher import Batcher
 from ..config import ConfigError, SinkConfig, parse_listen
-from ..deadletter import DeadLetters
+from ..spool.deadletters import DeadLetters
 from ..metrics import Metrics
 from ..sender import RequestFailed, Sender, make_client
 from ..spool.lock import acquire_lock

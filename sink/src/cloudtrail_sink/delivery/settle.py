@@ -15,7 +15,7 @@ aliases included, exactly once, as one of:
 :meth:`Settler.dead_letter` is the single dead-letter path (the reader's pre-send refusals use it
 too): one ``failed/`` file per call, each event's segment journal told just before the file
 appears (``delivery/journal.py``), then the tracker finalizes them. It cannot fail on content
-(``deadletter.dump_line``); a disk that refuses it raises ``OSError`` and the caller retries.
+(``spool.deadletters.dump_line``); a disk that refuses it raises ``OSError`` and the caller retries.
 
 Each event is added to ``settled`` just before it is handed on, so after an unexpected
 exception only the others are retried (a second finalization could complete a segment early).
@@ -31,7 +31,7 @@ import os
 from typing import Any
 
 from ..batcher import Item
-from ..deadletter import failure_line
+from ..spool.deadletters import failure_line
 from ..sender import RETRYABLE_EVENT_CODES, RequestFailed, Result
 
 log = logging.getLogger("cloudtrail_sink.settle")
@@ -86,7 +86,7 @@ class Settler:
                  channel_arn: str | None):
         self.tracker = tracker
         self.batcher = batcher
-        self.dead_letters = dead_letters  # deadletter.DeadLetters, or the dry run's printer
+        self.dead_letters = dead_letters  # spool.deadletters.DeadLetters, or the dry run's printer
         self.metrics = metrics
         self.jitter = jitter
         self.pause = pause

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, BinaryIO, Callable
 
-from . import safejson, spool
+from .. import safejson, spool
 
 
 def iso_utc(ts: float) -> str:
