@@ -45,6 +45,7 @@ from ..metrics import Metrics
 from ..sender import RequestFailed, Sender, make_client
 from ..spool.lock import acquire_lock
 from ..watcher import SegmentQueue, Watcher
+from . import health
 from .dryrun import DRY_RUN_ACCOUNT, DryRunDeadLetters, DryRunSender
 from .journal import remove_orphans
 from .reading import SegmentReading
@@ -252,28 +253,15 @@ class Runner:
 
     # -- health ---------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
-        now = self.monotonic()
-        dead = [t.name for t in self._threads if not t.is_alive()] if not self._stop.is_set() else []
-        pending = self.segments.pending
-        stalled = now - self.segments.last_progress if pending else 0.0
-        stuck = pending > 0 and not self.pause.paused and stalled > self.cfg.stuck_seconds
-        info = {"status": "ok" if not dead and not stuck else "unhealthy",
-                "dead_threads": dead, "pending_events": pending,
-                "seconds_since_progress": round(stalled, 1)}
-        return not dead and not stuck, info
+        dead = ([t.name for t in self._threads if not t.is_alive()]
+                if not self._stop.is_set() else [])
+        return health.liveness(self.monotonic(), dead, self.segments.pending,
+                               self.segments.last_progress, self.pause.paused,
+                               self.cfg.stuck_seconds)
 
     def ready(self) -> tuple[bool, dict]:
-        now = self.monotonic()
-        idle = self.segments.pending == 0 and self.queue.known() == 0
-        recent = self.last_success is not None and now - self.last_success < 60
-        paused = self.pause.paused
-        ok = not paused and (idle or recent)
-        info = {"status": "ready" if ok else "not ready", "paused": paused,
-                "pause_reason": self.pause.reason, "idle": idle,
-                "backlog_segments": self.queue.known(), "pending_events": self.segments.pending,
-                "seconds_since_success": None if self.last_success is None
-                else round(now - self.last_success, 1)}
-        return ok, info
+        return health.readiness(self.monotonic(), self.segments.pending, self.queue.known(),
+                                self.last_success, self.pause.paused, self.pause.reason)
 
     def _oldest_age(self) -> float:
         oldest = self.queue.oldest_sealed_us()
