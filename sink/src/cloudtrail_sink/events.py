@@ -179,7 +179,7 @@ class Entry(dict):
 class Prepared:
     """A record ready to be sent: its id, wire text, checksum, entry bytes and their size."""
 
-    __slots__ = ("id", "text", "checksum", "wire", "size", "offset", "raw")
+    __slots__ = ("id", "text", "checksum", "wire", "size", "offset")
 
     def __init__(self, id: str, text: str, checksum: str, wire: bytes):
         self.id = id
@@ -188,7 +188,6 @@ class Prepared:
         self.wire = wire
         self.size = len(wire)
         self.offset = -1  # the record's byte offset in its segment (the ack journal's key)
-        self.raw: bytes | None = None  # unused for events that can be sent
 
     def entry(self) -> Entry:
         e = Entry(id=self.id, eventData=self.text, eventDataChecksum=self.checksum)
@@ -199,15 +198,13 @@ class Prepared:
 class Rejected:
     """A record that can never be delivered: code, message (starting ``sink:``), its data."""
 
-    __slots__ = ("id", "code", "message", "event_data", "offset", "raw")
+    __slots__ = ("id", "code", "message", "event_data")
 
     def __init__(self, id: str, code: str, message: str, event_data: Any):
         self.id = id
         self.code = code
         self.message = message
         self.event_data = event_data
-        self.offset = -1
-        self.raw: bytes | None = None  # the record's msgpack bytes, kept in its dead letter
 
 
 def build(record: Any, account_id: str | None, max_entry_bytes: int | None = None

@@ -109,9 +109,16 @@ def cmd_write(args: argparse.Namespace) -> int:
     bad = 0
     done = 0
     lineno = 0
-    writer = spool.SpoolWriter(args.spool_dir, kind="cli", max_events=args.max_events,
-                               max_bytes=args.max_bytes, fsync=not args.no_fsync,
-                               max_age=max_age)
+    try:
+        writer = spool.SpoolWriter(args.spool_dir, kind="cli", max_events=args.max_events,
+                                   max_bytes=args.max_bytes, fsync=not args.no_fsync,
+                                   max_age=max_age)
+    except OSError as exc:
+        print(f"cloudtrail-sink spool write: cannot use spool {args.spool_dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        if stream is not sys.stdin.buffer:
+            stream.close()
+        return 2
     first_open = 0  # input line of the open segment's first event
     try:
         lines = _streamed_lines(stream.fileno(), writer) if max_age else stream
@@ -132,6 +139,7 @@ def cmd_write(args: argparse.Namespace) -> int:
                 bad += 1
                 print(f"{name}:{lineno}: holds an integer beyond 64 bits, which a spool record "
                       "cannot carry", file=sys.stderr)
+                continue
             except (ValueError, TypeError, UnicodeEncodeError) as exc:
                 bad += 1
                 print(f"{name}:{lineno}: {_short(exc)}", file=sys.stderr)
@@ -140,15 +148,14 @@ def cmd_write(args: argparse.Namespace) -> int:
         writer.close()
         progress.update(writer.events_written, done, final=True)
     except OSError as exc:
-        lost = writer.open_events
         writer.discard()
         where = f"{name}:{lineno}" if lineno else name
         print(f"{where}: cannot write to spool {args.spool_dir} ({exc.strerror or exc}); "
-              f"stopped: the {lost} events of the unsealed segment (from line {first_open}) "
-              f"and the lines after {lineno} are not in the spool (no partial file is left)",
-              file=sys.stderr)
-        print(f"spool write: {writer.events_written - lost} events in {len(writer.sealed)} "
-              "segments; failed", file=sys.stderr)
+              f"stopped: the {writer.discarded} events of the unsealed segment (lines "
+              f"{first_open} to {lineno}) and the lines after it are not in the spool (no "
+              "partial file is left)", file=sys.stderr)
+        print(f"spool write: {writer.events_written - writer.discarded} events in "
+              f"{len(writer.sealed)} segments; failed", file=sys.stderr)
         return 1
     finally:
         if stream is not sys.stdin.buffer:

@@ -18,7 +18,13 @@ This module is the Python side of ``docs/spool.md`` and follows it exactly:
 - :func:`open_segment` opens with ``O_NOFOLLOW | O_NONBLOCK`` and refuses anything ``fstat`` does
   not call a regular file (:class:`NotRegularFile`), so a spool writer cannot make the sink read a
   file it links to. :func:`read_records` streams the records with a bounded buffer and reports the
-  offset of the first undecodable byte instead of raising.
+  offset of the first undecodable byte instead of raising (the sink reads with
+  ``delivery/reader.py``, which also reads on after bytes that hold no record).
+- ``Layout.acks`` is the sink's own ``acks/`` folder (:func:`ensure_acks`), see ``docs/spool.md``.
+
+The rest of the spool's code is in this package: ``lock.py`` (``sink.lock``),
+``deadletters.py`` (writes ``failed/`` and ``quarantine/``), ``failed.py`` and ``rejected.py``
+(read and rewrite ``failed/`` and ``rejected/``).
 """
 
 from __future__ import annotations
@@ -173,6 +179,7 @@ class SpoolWriter:
         self.seq = 0
         self.sealed: list[str] = []
         self.events_written = 0
+        self.discarded = 0  # events written into segments dropped by discard()
         self._file: BinaryIO | None = None
         self._path: str | None = None
         self._count = 0
@@ -254,6 +261,7 @@ class SpoolWriter:
                 f.close()
         except OSError:
             _unlink_quietly(path)  # a full disk must not leave a partial segment behind
+            self.discarded += self._count
             raise
         self.sealed.append(dest)
         return dest
@@ -264,11 +272,13 @@ class SpoolWriter:
         return self._count if self._file is not None else 0
 
     def discard(self) -> None:
-        """Drop the open segment and its ``tmp/`` file (after a write failed)."""
+        """Drop the open segment and its ``tmp/`` file (after a write failed); its events are
+        added to ``discarded``."""
         f, path = self._file, self._path
         self._file = self._path = None
         if f is None:
             return
+        self.discarded += self._count
         try:
             f.close()
         except OSError:
