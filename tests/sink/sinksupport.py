@@ -37,10 +37,10 @@ def fill(spool_dir, events, max_events: int = 500, tag: str = "test") -> list[st
 
 def uids_in_segment(path) -> list[str]:
     from cloudtrail_sink import spool
+    from cloudtrail_sink.delivery.reader import Record, read_segment
 
     with spool.open_segment(str(path)) as f:
-        return [r["eventData"]["UID"] for _, r in
-                (x for x in spool.read_records(f) if not isinstance(x, spool.DecodeError))]
+        return [r.value["eventData"]["UID"] for r in read_segment(f) if isinstance(r, Record)]
 
 
 def stored_uids(emu) -> list[str]:

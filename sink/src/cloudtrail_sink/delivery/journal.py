@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 log = logging.getLogger("cloudtrail_sink.journal")
 
@@ -34,6 +35,8 @@ class AckJournal:
         self.path = os.path.join(folder, segment + SUFFIX)
         self.failed_dir = failed_dir
         self._warned = False
+        self._fd: int | None = None  # opened at the first line, kept until remove()/close()
+        self._lock = threading.Lock()
 
     def settled(self) -> set[int]:
         """Offsets of the records already accepted or dead-lettered (their file exists)."""
@@ -72,12 +75,15 @@ class AckJournal:
 
     def _append(self, line: bytes) -> None:
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                         | os.O_NOFOLLOW, 0o640)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            fd = self._fd
+            if fd is None:
+                with self._lock:
+                    if self._fd is None:
+                        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                           | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+                    fd = self._fd
+            # One write per line on an O_APPEND descriptor: sender threads never interleave.
+            os.write(fd, line)
         except OSError as exc:
             if not self._warned:
                 self._warned = True
@@ -85,7 +91,17 @@ class AckJournal:
                             "settled events would be sent again",
                             extra={"journal": self.path, "error": exc.strerror})
 
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
     def remove(self) -> None:
+        self.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -112,13 +112,16 @@ class Settler:
         for it in batch:
             problem = failed.get(it.p.id) if failed else None
             if problem is None and it.p.id in successful:
-                for x in it.all():
-                    units = delivered.get(x.seg)
-                    if units is None:
-                        delivered[x.seg] = [x]
-                    else:
-                        units.append(x)
-                n_delivered += 1 + (len(it.aliases) if it.aliases else 0)
+                if it.aliases:
+                    for x in it.aliases:
+                        delivered.setdefault(x.seg, []).append(x)
+                    n_delivered += len(it.aliases)
+                units = delivered.get(it.seg)  # the hot path: no list per event
+                if units is None:
+                    delivered[it.seg] = [it]
+                else:
+                    units.append(it)
+                n_delivered += 1
             elif problem is None or problem[0] in RETRYABLE_EVENT_CODES:
                 code = problem[0] if problem else "NotAcknowledged"
                 it.attempts += 1

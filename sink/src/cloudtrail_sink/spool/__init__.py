@@ -17,9 +17,8 @@ This module is the Python side of ``docs/spool.md`` and follows it exactly:
   nobody holds a file (a held file is never taken, however old its modification time).
 - :func:`open_segment` opens with ``O_NOFOLLOW | O_NONBLOCK`` and refuses anything ``fstat`` does
   not call a regular file (:class:`NotRegularFile`), so a spool writer cannot make the sink read a
-  file it links to. :func:`read_records` streams the records with a bounded buffer and reports the
-  offset of the first undecodable byte instead of raising (the sink reads with
-  ``delivery/reader.py``, which also reads on after bytes that hold no record).
+  file it links to; ``delivery/reader.py`` reads a segment's records from it, with bounded
+  memory, never raising on its bytes.
 - ``Layout.acks`` is the sink's own ``acks/`` folder (:func:`ensure_acks`), see ``docs/spool.md``.
 
 The rest of the spool's code is in this package: ``lock.py`` (``sink.lock``),
@@ -37,7 +36,7 @@ import random
 import re
 import stat
 import time as _time
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 import msgpack
 
@@ -329,51 +328,3 @@ def open_segment(path: str) -> BinaryIO:
         os.close(fd)
         raise
 
-
-@dataclasses.dataclass
-class DecodeError:
-    """Bytes from ``offset`` on cannot be decoded (``size`` is the file's size)."""
-
-    offset: int
-    size: int
-    error: str
-
-
-def read_records(f: BinaryIO) -> Iterator[tuple[int, Any] | DecodeError]:
-    """Yield ``(offset, record)`` for each msgpack value, then a :class:`DecodeError` if the
-    segment has undecodable or truncated bytes at the end (nothing is raised for bad data)."""
-    unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace",
-                                max_buffer_size=MAX_RECORD_BYTES, strict_map_key=False)
-    size = 0
-    offset = 0
-    while True:
-        chunk = f.read(READ_CHUNK)
-        if chunk:
-            size += len(chunk)
-            try:
-                unpacker.feed(chunk)
-            except msgpack.BufferFull:
-                yield DecodeError(offset, _rest_size(f, size), "record larger than "
-                                  f"{MAX_RECORD_BYTES} bytes")
-                return
-        try:
-            for obj in unpacker:
-                yield offset, obj
-                offset = unpacker.tell()
-        except msgpack.BufferFull:
-            yield DecodeError(offset, _rest_size(f, size), f"record larger than {MAX_RECORD_BYTES} bytes")
-            return
-        except Exception as exc:  # FormatError, StackError, ExtraData, ValueError, ...
-            yield DecodeError(offset, _rest_size(f, size), f"{type(exc).__name__}: {exc}")
-            return
-        if not chunk:
-            break
-    if offset < size:
-        yield DecodeError(offset, size, "truncated record at end of segment")
-
-
-def _rest_size(f: BinaryIO, size_so_far: int) -> int:
-    try:
-        return os.fstat(f.fileno()).st_size
-    except OSError:
-        return size_so_far
