@@ -1,8 +1,9 @@
 """Whatever lands in ``ready/``, the sink neither crashes nor loses bytes (docs/spool.md):
 
 - a segment cut in the middle of a record, or with garbage after good records: the records
-  before the bad byte are delivered, the bytes from there on are in ``quarantine/`` exactly
-  (with a ``.reason.json`` naming offset and size), the segment leaves ``ready/``;
+  before the bad byte are delivered, and those after the garbage too; the bad bytes are in
+  ``quarantine/`` exactly (with a ``.reason.json`` naming offset, end and size), the segment
+  leaves ``ready/``;
 - bytes that are not msgpack at all: all of them quarantined, nothing delivered;
 - an empty segment: it does not block delivery of the others;
 - decodable maps that are not events: ``failed/`` as ``MalformedRecord``; values that are not
@@ -66,40 +67,45 @@ def test_damaged_segments_deliver_the_good_part_and_quarantine_the_rest(tmp_path
     sixth = _record("cut-5")
     tr = b"".join(_record(f"tr-{i}") for i in range(5))
     gb = b"".join(_record(f"gb-{i}") for i in range(3))
+    garbage = b"\xc1\xc1 not msgpack \x00"
     segments = {
-        # name: (bytes, uids expected delivered, offset of the first bad byte or None)
-        _name(1): (b"".join(good), {f"ok-{i}" for i in range(5)}, None),
-        _name(2): (tr + sixth[:17], {f"tr-{i}" for i in range(5)}, len(tr)),
-        _name(3): (gb + b"\xc1\xc1 not msgpack \x00" + b"".join(_record(f"gb-after-{i}")
-                                                              for i in range(2)),
-                   {f"gb-{i}" for i in range(3)}, len(gb)),
-        _name(4): (b"\xc1 this is not msgpack at all\n" * 20, set(), 0),
-        _name(5): (b"", set(), None),
-        _name(6): (_record("last-0"), {"last-0"}, None),
+        # name: (bytes, uids expected delivered, offset of the first bad byte or None,
+        #        end of the bad bytes when records follow them)
+        _name(1): (b"".join(good), {f"ok-{i}" for i in range(5)}, None, None),
+        _name(2): (tr + sixth[:17], {f"tr-{i}" for i in range(5)}, len(tr), None),
+        # The records after the garbage are found again and delivered.
+        _name(3): (gb + garbage + b"".join(_record(f"gb-after-{i}") for i in range(2)),
+                   {f"gb-{i}" for i in range(3)} | {"gb-after-0", "gb-after-1"}, len(gb),
+                   len(gb) + len(garbage)),
+        _name(4): (b"\xc1 this is not msgpack at all\n" * 20, set(), 0, None),
+        _name(5): (b"", set(), None, None),
+        _name(6): (_record("last-0"), {"last-0"}, None, None),
     }
-    for name, (data, _, _) in segments.items():
+    for name, (data, _, _, _) in segments.items():
         with open(os.path.join(lay.ready, name), "wb") as f:
             f.write(data)
 
     stored, log = _run_drain(tmp_path, procs, sink_env, spool)
 
-    expected = set().union(*(uids for _, uids, _ in segments.values()))
+    expected = set().union(*(uids for _, uids, _, _ in segments.values()))
     assert set(stored) == expected, sorted(set(stored) ^ expected)
     assert len(stored) == len(expected), "a record before the bad byte was sent twice"
     assert relsupport.spool_files(spool, "ready") == []
     quarantined = set(relsupport.spool_files(spool, "quarantine"))
-    for name, (data, uids, offset) in segments.items():
+    for name, (data, uids, offset, end) in segments.items():
         if offset is None:
             assert name not in quarantined or _reason(spool, name)["size"] == 0
             continue
-        assert name in quarantined and name + ".reason.json" in quarantined, quarantined
-        reason = _reason(spool, name)
+        entry = name if end is None else f"{name}.{offset:012d}"
+        assert entry in quarantined and entry + ".reason.json" in quarantined, quarantined
+        reason = _reason(spool, entry)
         assert reason["offset"] == offset and reason["size"] == len(data), reason
-        assert reason["recordsBefore"] == len(uids) and reason["error"], reason
+        assert reason.get("end") == end and reason["error"], reason
+        assert reason["recordsBefore"] == len([u for u in uids if "-after-" not in u]), reason
         assert reason["segment"].endswith(name)
-        # The quarantined bytes are exactly the undecodable rest: nothing is lost.
-        with open(os.path.join(spool, "quarantine", name), "rb") as f:
-            assert f.read() == data[offset:]
+        # The quarantined bytes are exactly the undecodable ones: nothing is lost.
+        with open(os.path.join(spool, "quarantine", entry), "rb") as f:
+            assert f.read() == data[offset:end]
     assert relsupport.failed_lines(spool) == []
 
 

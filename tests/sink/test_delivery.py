@@ -165,17 +165,21 @@ def test_corrupt_and_truncated_segments_are_quarantined_and_the_rest_flows(tmp_p
     fill(spool_dir, [event(i) for i in range(10, 15)])
     ready = spool_dir / "ready"
     good = (ready / corrupt).read_bytes()
-    (ready / corrupt).write_bytes(good + b"\xc1garbage" + msgpack.packb({"eventData": event(99)}))
+    corrupted = good + b"\xc1garbage" + msgpack.packb({"eventData": event(99)})
+    (ready / corrupt).write_bytes(corrupted)
     cut = (ready / truncated).read_bytes()
     (ready / truncated).write_bytes(cut[:-10])
     run_drain(config(spool_dir, emulator.url))
-    assert sorted(stored_uids(emulator)) == sorted(f"evt-{i}" for i in range(15) if i != 9)
+    # The record after the garbage is found again and delivered: the garbage blocks nothing.
+    assert sorted(stored_uids(emulator)) == sorted(f"evt-{i}" for i in [*range(15), 99] if i != 9)
     assert os.listdir(ready) == []
     q = spool_dir / "quarantine"
-    assert (q / corrupt).read_bytes().startswith(b"\xc1garbage")
-    reason = json.loads((q / f"{corrupt}.reason.json").read_text())
+    entry = f"{corrupt}.{len(good):012d}"
+    assert (q / entry).read_bytes() == b"\xc1garbage"
+    reason = json.loads((q / f"{entry}.reason.json").read_text())
     assert reason["offset"] == len(good) and reason["recordsBefore"] == 5
-    assert reason["segment"] == corrupt and reason["size"] == len((q / corrupt).read_bytes()) + len(good)
+    assert reason["end"] == len(good) + len(b"\xc1garbage")
+    assert reason["segment"] == corrupt and reason["size"] == len(corrupted)
     treason = json.loads((q / f"{truncated}.reason.json").read_text())
     assert "truncated" in treason["error"] and treason["recordsBefore"] == 4
 

@@ -81,8 +81,8 @@ class _Run:
             return None
         what = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common(4))
         junk = Junk(self.start, None if to_eof_error else self.end,
-                    f"values that are not records ({what})" if not to_eof_error
-                    else f"{to_eof_error}; before it: values that are not records ({what})",
+                    f"bytes that hold no record: {what}" if not to_eof_error
+                    else f"{to_eof_error}; before it, bytes that hold no record: {what}",
                     self.values)
         self.start = None
         self.kinds.clear()
@@ -121,13 +121,19 @@ def read_segment(f: BinaryIO) -> Iterator[Record | Junk]:
             return
         except Exception as exc:  # StackError, FormatError, TypeError (unhashable key), ...
             extent = _extent_at(f, offset)
-            if extent is None:
-                yield _tail(run, offset, f"bytes that are not msgpack ({type(exc).__name__}"
-                            + (f": {exc})" if str(exc) else ")"))
-                return
-            # A well-formed value msgpack could not build: skip just it, read on after it.
-            run.add(offset, offset + extent, "undecodable values")
-            offset = base = offset + extent
+            if extent is not None:
+                # A well-formed value msgpack could not build: skip just it, read on after it.
+                run.add(offset, offset + extent, "value(s) msgpack cannot build")
+                resume = offset + extent
+            else:
+                resume = _next_record(f, offset)
+                if resume is None:
+                    yield _tail(run, offset, f"bytes that are not msgpack ({type(exc).__name__}"
+                                + (f": {exc})" if str(exc) else ")"))
+                    return
+                # Not msgpack here, but a record further on: skip to it.
+                run.add(offset, resume, "stretch(es) not msgpack")
+            offset = base = resume
             f.seek(offset)
             size = offset
             unpacker = _unpacker()
@@ -154,6 +160,38 @@ def _extent_at(f: BinaryIO, offset: int) -> int | None:
     within ``spool.MAX_RECORD_BYTES`` (bytes that are not msgpack, or a cut value)."""
     data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset)
     return extent(data, 0)
+
+
+_KEY = b"\xa9eventData"  # the str "eventData" as every writer packs it
+_HEADER_WINDOW = 4096  # how far before that key a record's map may start (tag, time, id first)
+
+
+def _next_record(f: BinaryIO, offset: int) -> int | None:
+    """Offset of the first record after ``offset`` (a map holding ``eventData`` that msgpack
+    decodes whole), found by looking for the packed key and trying the map headers shortly
+    before it; None when there is none within ``spool.MAX_RECORD_BYTES``."""
+    data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset + 1)
+    base = offset + 1
+    tried: set[int] = set()
+    at = data.find(_KEY)
+    while at >= 0:
+        for p in range(max(0, at - _HEADER_WINDOW), at):
+            t = data[p]
+            if p in tried or not (0x80 <= t <= 0x8f or t in (0xde, 0xdf)):
+                continue
+            tried.add(p)
+            n = extent(data, p)
+            if n is None or p + n <= at:
+                continue
+            try:
+                value = msgpack.unpackb(data[p:p + n], raw=False, unicode_errors="replace",
+                                        strict_map_key=False)
+            except Exception:  # noqa: BLE001 - not a record here: try the next header
+                continue
+            if value.__class__ is dict and "eventData" in value:
+                return base + p
+        at = data.find(_KEY, at + 1)
+    return None
 
 
 _FIXED = {0xc0: 1, 0xc2: 1, 0xc3: 1, 0xca: 5, 0xcb: 9, 0xcc: 2, 0xcd: 3, 0xce: 5, 0xcf: 9,
