@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ACCOUNT = "123456789012"
@@ -36,10 +37,10 @@ def fill(spool_dir, events, max_events: int = 500, tag: str = "test") -> list[st
 
 def uids_in_segment(path) -> list[str]:
     from cloudtrail_sink import spool
+    from cloudtrail_sink.delivery.reader import Record, read_segment
 
     with spool.open_segment(str(path)) as f:
-        return [r["eventData"]["UID"] for _, r in
-                (x for x in spool.read_records(f) if not isinstance(x, spool.DecodeError))]
+        return [r.value["eventData"]["UID"] for r in read_segment(f) if isinstance(r, Record)]
 
 
 def stored_uids(emu) -> list[str]:
@@ -50,7 +51,9 @@ def failed_lines(spool_dir) -> list[dict]:
     out = []
     folder = pathlib.Path(spool_dir) / "failed"
     for p in sorted(folder.glob("*.jsonl")):
-        out += [json.loads(line) for line in p.read_text().splitlines() if line]
+        # Lines end at "\n" only: str.splitlines() would also cut at U+0085 and U+2028 that
+        # JSON text may hold unescaped.
+        out += [json.loads(line) for line in p.read_text().split("\n") if line]
     return out
 
 
@@ -94,3 +97,35 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def drain_config(spool_dir, url=None, **kw):
+    """A ``run --drain`` configuration for in-process runs: quick linger and backoff."""
+    from cloudtrail_sink.config import SinkConfig
+
+    base = dict(spool_dir=str(spool_dir), channel_arn=CHANNEL_ARN, endpoint_url=url, listen="",
+                drain=True, linger_ms=20, max_backoff_seconds=0.3, grace_seconds=5)
+    base.update(kw)
+    return SinkConfig(**base).validate()
+
+
+def run_drain(cfg, rc: int = 0, **kw):
+    """Run a Runner to the end of its drain in a thread; asserts its exit code is ``rc``."""
+    from cloudtrail_sink.delivery.coordinator import Runner
+
+    runner = Runner(cfg, **kw)
+    done = threading.Event()
+    result = {}
+
+    def go():
+        result["rc"] = runner.run()
+        done.set()
+
+    t = threading.Thread(target=go, name="test-runner", daemon=True)
+    t.start()
+    if not done.wait(90):
+        runner.request_stop()
+        t.join(10)
+        raise AssertionError("sink did not drain within 90 s")
+    assert result["rc"] == rc
+    return runner

@@ -16,37 +16,11 @@ import pytest
 
 from cloudtrail_sink.config import SinkConfig
 from cloudtrail_sink.emulator import Faults
-from cloudtrail_sink.runner import Runner
+from cloudtrail_sink.delivery.coordinator import Runner
 from cloudtrail_sink.sender import RequestFailed, Result
 
-from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, event, failed_lines, fill,
-                         stored_uids, uids_in_segment, wait_for)
-
-
-def config(spool_dir, url=None, **kw) -> SinkConfig:
-    base = dict(spool_dir=str(spool_dir), channel_arn=CHANNEL_ARN, endpoint_url=url, listen="",
-                drain=True, linger_ms=20, max_backoff_seconds=0.3, grace_seconds=5)
-    base.update(kw)
-    return SinkConfig(**base).validate()
-
-
-def run_drain(cfg, **kw) -> Runner:
-    runner = Runner(cfg, **kw)
-    done = threading.Event()
-    result = {}
-
-    def go():
-        result["rc"] = runner.run()
-        done.set()
-
-    t = threading.Thread(target=go, name="test-runner", daemon=True)
-    t.start()
-    if not done.wait(90):
-        runner.request_stop()
-        t.join(10)
-        raise AssertionError("sink did not drain within 90 s")
-    assert result["rc"] == 0
-    return runner
+from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, drain_config as config, event,
+                         failed_lines, fill, run_drain, stored_uids, uids_in_segment, wait_for)
 
 
 def metric(runner, name, labels=None):
@@ -191,17 +165,21 @@ def test_corrupt_and_truncated_segments_are_quarantined_and_the_rest_flows(tmp_p
     fill(spool_dir, [event(i) for i in range(10, 15)])
     ready = spool_dir / "ready"
     good = (ready / corrupt).read_bytes()
-    (ready / corrupt).write_bytes(good + b"\xc1garbage" + msgpack.packb({"eventData": event(99)}))
+    corrupted = good + b"\xc1garbage" + msgpack.packb({"eventData": event(99)})
+    (ready / corrupt).write_bytes(corrupted)
     cut = (ready / truncated).read_bytes()
     (ready / truncated).write_bytes(cut[:-10])
     run_drain(config(spool_dir, emulator.url))
-    assert sorted(stored_uids(emulator)) == sorted(f"evt-{i}" for i in range(15) if i != 9)
+    # The record after the garbage is found again and delivered: the garbage blocks nothing.
+    assert sorted(stored_uids(emulator)) == sorted(f"evt-{i}" for i in [*range(15), 99] if i != 9)
     assert os.listdir(ready) == []
     q = spool_dir / "quarantine"
-    assert (q / corrupt).read_bytes().startswith(b"\xc1garbage")
-    reason = json.loads((q / f"{corrupt}.reason.json").read_text())
+    entry = f"{corrupt}.{len(good):012d}"
+    assert (q / entry).read_bytes() == b"\xc1garbage"
+    reason = json.loads((q / f"{entry}.reason.json").read_text())
     assert reason["offset"] == len(good) and reason["recordsBefore"] == 5
-    assert reason["segment"] == corrupt and reason["size"] == len((q / corrupt).read_bytes()) + len(good)
+    assert reason["end"] == len(good) + len(b"\xc1garbage")
+    assert reason["segment"] == corrupt and reason["size"] == len(corrupted)
     treason = json.loads((q / f"{truncated}.reason.json").read_text())
     assert "truncated" in treason["error"] and treason["recordsBefore"] == 4
 
@@ -285,7 +263,7 @@ def test_memory_stays_bounded_by_the_pending_limit(tmp_path):
     class Slow(ScriptedService):
         def send(self, entries):
             nonlocal peak
-            peak = max(peak, runner.ledger.pending)
+            peak = max(peak, runner.segments.pending)
             return super().send(entries)
 
     runner = Runner(config(spool_dir, max_pending_events=250, max_in_flight=2, linger_ms=10_000),
@@ -309,8 +287,8 @@ def test_healthz_fails_when_events_are_stuck_and_not_while_paused(tmp_path):
     now = [1000.0]
     runner = Runner(config(tmp_path / "spool", stuck_seconds=60), sender=ScriptedService(),
                     monotonic=lambda: now[0])
-    seg = runner.ledger.open("s", "/nonexistent")
-    runner.ledger.add(seg, 5)
+    seg, _ = runner.segments.open("s", "/nonexistent")
+    runner.segments.add(seg, 5)
     assert runner.health()[0]
     now[0] += 61
     ok, info = runner.health()
@@ -319,7 +297,7 @@ def test_healthz_fails_when_events_are_stuck_and_not_while_paused(tmp_path):
     assert runner.health()[0]  # paused for a configuration error: not a reason to restart
     assert not runner.ready()[0]
     runner.pause.succeed()
-    runner.ledger.finalize(seg, 5)
+    runner.segments.accepted(seg, [0, 1, 2, 3, 4])
     assert runner.health()[0] and runner.ready()[0]
 
 

@@ -13,8 +13,11 @@ import time
 import pytest
 
 from cloudtrail_sink import spool, watcher
+from cloudtrail_sink.delivery import reader as segment_reader
 from cloudtrail_sink.config import SinkConfig
-from cloudtrail_sink.runner import EXIT_INCOMPLETE, Runner, acquire_lock, read_retry_seconds
+from cloudtrail_sink.delivery.coordinator import EXIT_INCOMPLETE, Runner
+from cloudtrail_sink.delivery.tracker import read_retry_seconds
+from cloudtrail_sink.spool.lock import acquire_lock
 from cloudtrail_sink.sender import Result
 
 from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, event, failed_lines, fill, wait_for)
@@ -84,15 +87,15 @@ def test_a_pending_limit_below_the_refused_flush_size_does_not_hang(tmp_path):
     assert service.sent() == [f"evt-{i}" for i in range(5)]
     assert sorted(line["id"] for line in failed_lines(spool_dir)) == sorted(
         b["UID"] for b in BAD)
-    assert os.listdir(spool_dir / "ready") == [] and runner.ledger.pending == 0
+    assert os.listdir(spool_dir / "ready") == [] and runner.segments.pending == 0
 
 
 def failing_reads(monkeypatch, times: int, after: int = 4):
     """The first ``times`` segment reads fail with EIO after ``after`` records."""
-    real = spool.read_records
+    real = segment_reader.read_segment
     left = {"n": times}
 
-    def read_records(f):
+    def read_segment(f):
         fail = left["n"] > 0
         left["n"] -= 1
         for i, entry in enumerate(real(f)):
@@ -100,7 +103,7 @@ def failing_reads(monkeypatch, times: int, after: int = 4):
                 raise OSError(errno.EIO, "Input/output error")
             yield entry
 
-    monkeypatch.setattr(spool, "read_records", read_records)
+    monkeypatch.setattr(segment_reader, "read_segment", read_segment)
 
 
 def test_a_failed_read_is_released_and_read_again_later(tmp_path, monkeypatch):
@@ -115,7 +118,7 @@ def test_a_failed_read_is_released_and_read_again_later(tmp_path, monkeypatch):
     try:
         wait_for(lambda: segment_errors(runner, "read") == 1)
         # The two refused events read before the failure no longer count as pending.
-        wait_for(lambda: runner.ledger.pending == 0 and runner.ledger.idle())
+        wait_for(lambda: runner.segments.pending == 0 and runner.segments.idle())
         assert runner.queue.known() == 0 and runner.queue.held() == [name]
         assert os.listdir(spool_dir / "ready") == [name] and failed_lines(spool_dir) == []
         runner.queue.scan()
@@ -142,11 +145,11 @@ def test_a_segment_whose_reads_keep_failing_is_retried_less_and_less_often(tmp_p
     runner.start()
     try:
         wait_for(lambda: segment_errors(runner, "read") == 1)
-        wait_for(lambda: runner.ledger.idle())
+        wait_for(lambda: runner.segments.idle())
         clock.offset += 31
         runner.queue.scan()
         wait_for(lambda: segment_errors(runner, "read") == 2)
-        wait_for(lambda: runner.ledger.idle())
+        wait_for(lambda: runner.segments.idle())
         clock.offset += 31  # the first delay again: too early now
         runner.queue.scan()
         assert runner.queue.known() == 0 and runner.queue.held() == [name]
@@ -309,7 +312,7 @@ class BlockingClient:
 
 
 def test_a_request_outliving_the_grace_period_deletes_nothing_after_stop(tmp_path, monkeypatch):
-    from cloudtrail_sink import runner as runner_mod
+    from cloudtrail_sink.delivery import coordinator as runner_mod
 
     spool_dir = tmp_path / "spool"
     [name] = fill(spool_dir, [event(i) for i in range(5)])
@@ -381,12 +384,12 @@ def test_an_unexpected_error_after_settling_retries_only_unsettled_events(tmp_pa
     assert sent.count("evt-5") == 2 and sent.count("evt-dup") == 1
     assert sorted(set(sent)) == sorted([f"evt-{i}" for i in range(6)] + ["evt-dup"])
     assert len(sent) == 8
-    assert os.listdir(spool_dir / "ready") == [] and runner.ledger.pending == 0
+    assert os.listdir(spool_dir / "ready") == [] and runner.segments.pending == 0
 
 
 def test_unsettled_regroups_the_copies_left_of_an_item():
     from cloudtrail_sink.batcher import Item
-    from cloudtrail_sink.runner import unsettled
+    from cloudtrail_sink.delivery.settle import unsettled
 
     a, a2, a3, b = (Item(None, None, None, None) for _ in range(4))
     a.aliases = [a2, a3]

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from cloudtrail_sink import runner, spool
+from cloudtrail_sink import spool
+from cloudtrail_sink.spool import lock
 
 
 def test_lock_is_taken_and_exclusive_when_the_pid_cannot_be_written(tmp_path, monkeypatch, caplog):
@@ -18,14 +19,14 @@ def test_lock_is_taken_and_exclusive_when_the_pid_cannot_be_written(tmp_path, mo
     def full_disk(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runner.os, "write", full_disk)
-    fd = runner.acquire_lock(lay)
-    monkeypatch.setattr(runner.os, "write", real_write)
+    monkeypatch.setattr(lock.os, "write", full_disk)
+    fd = lock.acquire_lock(lay)
+    monkeypatch.setattr(lock.os, "write", real_write)
     try:
         assert "could not record the pid" in caplog.text
-        with pytest.raises(runner.LockHeld):
-            runner.acquire_lock(lay)
+        with pytest.raises(lock.LockHeld):
+            lock.acquire_lock(lay)
     finally:
         os.close(fd)
     # Released with the descriptor: the next sink gets it.
-    os.close(runner.acquire_lock(lay))
+    os.close(lock.acquire_lock(lay))

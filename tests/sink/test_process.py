@@ -153,9 +153,10 @@ def test_spool_write_reads_json_lines_and_reports_bad_lines(tmp_path, emulator):
         assert f"{src}:{lineno}:" in result.stderr
     [seg] = os.listdir(spool_dir / "ready")
     from cloudtrail_sink import spool
+    from cloudtrail_sink.delivery.reader import read_segment
 
     with spool.open_segment(str(spool_dir / "ready" / seg)) as f:
-        records = [r for _, r in spool.read_records(f)]
+        records = [r.value for r in read_segment(f)]
     assert records[0]["eventData"] == {"UID": "a", "eventName": "n"} and records[0]["tag"] == "cli"
     assert records[1] == {"eventData": {"UID": "b"}, "tag": "app", "time": 5.5, "id": "id-b"}
     assert len(records) == 2

@@ -256,11 +256,34 @@ def test_sink_serialization_of_odd_values_is_unchanged(value):
     assert _verdict(events.dumps, value) == _verdict(_old_dumps, value)
 
 
-def test_sink_serialization_of_deep_values_is_unchanged():
+def _nested(levels: int) -> dict:
+    """An event whose eventData nests ``levels`` objects/arrays, itself included."""
+    from sinksupport import event
+
     deep: list = []
-    for _ in range(300):
+    for _ in range(levels - 3):
         deep = [deep]
-    assert _verdict(events.dumps, {"d": deep}) == _verdict(_old_dumps, {"d": deep})
+    return event("deep", additionalEventData={"d": deep})
+
+
+@pytest.mark.parametrize("levels", [schema.MAX_DEPTH - 1, schema.MAX_DEPTH,
+                                    schema.MAX_DEPTH + 1, 1000])
+def test_sink_and_emulator_agree_on_how_deep_an_event_may_nest(levels):
+    """What the sink would send, the emulator accepts; what the emulator refuses for depth,
+    the sink refuses before sending (a 1,000-deep event used to pass the sink's check)."""
+    data = _nested(levels)
+    built = events.build({"eventData": data}, ACCOUNT)
+    # The same event as wire text, built without json.dumps (which cannot go 1,000 deep).
+    text = json.dumps(events.prepare(_nested(4), ACCOUNT), separators=(",", ":")).replace(
+        "[[]]", "[" * (levels - 2) + "]" * (levels - 2))
+    wire = schema.check_event_text(text, ACCOUNT)
+    if levels <= schema.MAX_DEPTH:
+        assert isinstance(built, events.Prepared) and wire is None
+        assert schema.check_event_text(built.text, ACCOUNT) is None
+    else:
+        assert isinstance(built, events.Rejected)
+        assert (built.code, built.message) == ("InvalidData", "sink: " + schema.TOO_DEEP)
+        assert wire == schema.Problem("InvalidData", schema.TOO_DEEP)
 
 
 # -- schema.parse_event_text against the implementation it replaced ---------------------------

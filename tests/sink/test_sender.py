@@ -84,7 +84,7 @@ def fake_sts():
 
 def test_role_arn_assumes_the_role_once_not_per_request(tmp_path, aws_env, monkeypatch, fake_sts):
     from cloudtrail_sink.emulator import Emulator
-    from cloudtrail_sink.runner import Runner
+    from cloudtrail_sink.delivery.coordinator import Runner
 
     sts_url, calls = fake_sts
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts_url)

@@ -11,6 +11,7 @@ import msgpack
 import pytest
 
 from cloudtrail_sink import events, schema, spool
+from cloudtrail_sink.delivery.reader import Junk, read_segment
 
 from sinksupport import ACCOUNT, event
 
@@ -51,11 +52,12 @@ def test_records_round_trip_with_tag_time_and_id(tmp_path):
         w.write(event(1), tag="app.auth", time=12.5, id="given-id")
         w.write(event(2))
     with spool.open_segment(w.sealed[0]) as f:
-        records = list(spool.read_records(f))
-    assert records[0] == (0, {"eventData": event(1), "tag": "app.auth", "time": 12.5,
-                              "id": "given-id"})
-    assert records[1][1]["tag"] == "cli" and "id" not in records[1][1]
-    assert isinstance(records[1][1]["time"], float)
+        records = list(read_segment(f))
+    assert (records[0].offset, records[0].value) == (0, {"eventData": event(1), "tag": "app.auth",
+                                                        "time": 12.5, "id": "given-id"})
+    assert records[1].offset == records[0].end
+    assert records[1].value["tag"] == "cli" and "id" not in records[1].value
+    assert isinstance(records[1].value["time"], float)
 
 
 def test_reader_refuses_symlinks_fifos_and_folders(tmp_path):
@@ -84,11 +86,11 @@ def test_reader_reports_first_undecodable_offset(tmp_path, tail, why):
     path = tmp_path / "s.seg"
     path.write_bytes(good + tail)
     with spool.open_segment(str(path)) as f:
-        out = list(spool.read_records(f))
-    assert [r["eventData"]["UID"] for _, r in out[:-1]] == ["evt-0", "evt-1", "evt-2"]
+        out = list(read_segment(f))
+    assert [r.value["eventData"]["UID"] for r in out[:-1]] == ["evt-0", "evt-1", "evt-2"]
     err = out[-1]
-    assert isinstance(err, spool.DecodeError)
-    assert err.offset == len(good) and err.size == len(good) + len(tail) and why in err.error
+    assert isinstance(err, Junk)
+    assert err.offset == len(good) and err.end is None and why in err.error
 
 
 def test_reader_replaces_invalid_utf8(tmp_path):
@@ -96,8 +98,8 @@ def test_reader_replaces_invalid_utf8(tmp_path):
     path = tmp_path / "s.seg"
     path.write_bytes(raw)
     with spool.open_segment(str(path)) as f:
-        [(_, rec)] = list(spool.read_records(f))
-    assert rec["eventData"]["UID"] == "ab\ufffdcd"
+        [rec] = list(read_segment(f))
+    assert rec.value["eventData"]["UID"] == "ab\ufffdcd"
 
 
 def test_event_id_derivation():
@@ -163,13 +165,13 @@ def test_entry_size_is_exactly_what_botocore_sends():
     assert len(req["body"]) == events.request_size([b.size for b in built])
 
 
-def test_deeply_nested_events_are_serialized_like_the_json_module_does():
+def test_events_nested_deeper_than_the_emulator_reads_are_refused_before_sending():
     deep = {}
     cur = deep
-    for _ in range(300):  # deeper than orjson's 254 levels; the Lua writer allows 250
+    for _ in range(300):  # deeper than schema.MAX_DEPTH; the Lua writer allows 250
         cur["a"] = {}
         cur = cur["a"]
     data = event(1, additionalEventData=deep, version="1.0", recipientAccountId=ACCOUNT)
     built = events.build({"eventData": data}, ACCOUNT)
-    assert isinstance(built, events.Prepared)
-    assert json.loads(built.text) == data and built.checksum == schema.checksum(built.text)
+    assert isinstance(built, events.Rejected) and built.code == "InvalidData"
+    assert schema.check_event_text(schema.dumps(data), ACCOUNT).code == "InvalidData"

@@ -2,7 +2,7 @@
 
 :class:`SinkConfig` is the single source of truth: each field documents its flag, its environment
 variable and its default; ``commands/run.py`` builds the argument parser from it and
-``runner.py`` consumes it. Validation (:meth:`SinkConfig.validate`) raises :class:`ConfigError`
+``delivery/`` consumes it. Validation (:meth:`SinkConfig.validate`) raises :class:`ConfigError`
 with a message naming the option; the CLI turns that into exit code 2.
 """
 

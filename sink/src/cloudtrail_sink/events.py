@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from . import schema
+from . import safejson, schema
 
 ID_RE = re.compile(r"\A[-_A-Za-z0-9]{1,128}\Z")
 DEFAULT_VERSION = "1.0"
@@ -54,8 +54,14 @@ def event_id(record: Any) -> str:
         if ID_RE.match(uid):
             return uid
         return "u" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:64]
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                           default=repr)
+    try:
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                               default=repr)
+    except (TypeError, ValueError, RecursionError):
+        # Keys json cannot sort or carry (bytes, mixed types) or nesting too deep for it: the
+        # safe JSON form is as stable (same data, same id) and never raises.
+        canonical = json.dumps(safejson.jsonable(data)[0], sort_keys=True,
+                               separators=(",", ":"), ensure_ascii=False)
     return "d" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:64]
 
 
@@ -77,7 +83,8 @@ def dumps(event_data: Any) -> bytes:
     orjson, for speed (it is several times faster than the json module); ``schema.dumps``
     produces the same text for the same data except for float formatting. Values JSON cannot
     carry (binary strings, lone surrogates, integers beyond 64 bits) raise ``TypeError``;
-    non-finite floats (NaN, Infinity) become ``null``, as orjson does.
+    non-finite floats (NaN, Infinity) become ``null``, as orjson does; nesting deeper than
+    ``schema.MAX_DEPTH`` raises ``ValueError``.
     """
     try:
         # Without OPT_NON_STR_KEYS first: the same bytes when every key is a str, 40% faster.
@@ -89,8 +96,9 @@ def dumps(event_data: Any) -> bytes:
     except orjson.JSONEncodeError as exc:
         if "ecursion" not in str(exc):
             raise
-        # orjson stops at 254 levels of nesting; the json module goes deeper.
-        return schema.dumps(event_data).encode("utf-8")
+        # orjson stops at schema.MAX_DEPTH levels of nesting: the emulator refuses what is
+        # deeper, and the service's JSON reader would not go much further either.
+        raise ValueError(schema.TOO_DEEP) from None
 
 
 def checksum(raw: bytes) -> str:
@@ -171,7 +179,7 @@ class Entry(dict):
 class Prepared:
     """A record ready to be sent: its id, wire text, checksum, entry bytes and their size."""
 
-    __slots__ = ("id", "text", "checksum", "wire", "size")
+    __slots__ = ("id", "text", "checksum", "wire", "size", "offset")
 
     def __init__(self, id: str, text: str, checksum: str, wire: bytes):
         self.id = id
@@ -179,6 +187,7 @@ class Prepared:
         self.checksum = checksum
         self.wire = wire
         self.size = len(wire)
+        self.offset = -1  # the record's byte offset in its segment (the ack journal's key)
 
     def entry(self) -> Entry:
         e = Entry(id=self.id, eventData=self.text, eventDataChecksum=self.checksum)
@@ -210,6 +219,8 @@ def build(record: Any, account_id: str | None, max_entry_bytes: int | None = Non
     try:
         raw = dumps(data)
     except (TypeError, ValueError, RecursionError) as exc:  # JSONEncodeError is a TypeError
+        if str(exc) == schema.TOO_DEEP:
+            return Rejected(eid, "InvalidData", "sink: " + schema.TOO_DEEP, data)
         return Rejected(eid, "InvalidData", "sink: eventData holds a value JSON cannot carry "
                         f"({str(exc).split(':')[0][:80]})", data)
     try:

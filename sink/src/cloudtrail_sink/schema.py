@@ -21,6 +21,10 @@ Contract (``check_event_text`` applies the steps in this order and reports the f
    an IPv4 or IPv6 address: otherwise ``InvalidData``.
 7. ``recipientAccountId`` must equal the channel's account: otherwise ``InvalidRecipient``.
 
+``eventData`` text nested deeper than :data:`MAX_DEPTH` objects/arrays is ``InvalidData`` (checked
+with step 2): the sink's serializer cannot write it, so the sink refuses it before sending and the
+emulator refuses it on the wire, the same way.
+
 Messages name the field and the limit, never the value: they end up in logs.
 """
 
@@ -70,6 +74,11 @@ DETAILS_LIMIT = 100_000
 OBJECT_SIZE_GROWTH = 5
 KNOWN_TOP = frozenset(STRING_LIMITS) | frozenset(OBJECT_LIMITS) | {"userIdentity"}
 KNOWN_IDENTITY = frozenset(IDENTITY_STRING_LIMITS) | {"details"}
+
+# Objects and arrays nested inside each other, eventData itself counting as one: orjson (what the
+# sink serializes with) writes at most this many, and Python's json reader fails not far above.
+MAX_DEPTH = 254
+TOO_DEEP = f"eventData is nested deeper than {MAX_DEPTH} levels"
 
 EVENT_TIME_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
 ACCOUNT_RE = re.compile(r"\A\d{12}\Z")
@@ -130,12 +139,36 @@ def parse_event_text(text: Any, account_id: str | None, event_checksum: str | No
                              "eventDataChecksum does not match the SHA-256 of eventData")
     try:
         data = _DECODER.decode(text)
-    except (ValueError, RecursionError):
+    except ValueError:
         return None, Problem("InvalidData", "eventData is not valid JSON")
+    except RecursionError:
+        return None, Problem("InvalidData", TOO_DEEP)
+    # Counting brackets first keeps the walk off every ordinary event.
+    if text.count("{") + text.count("[") > MAX_DEPTH and deeper_than(data, MAX_DEPTH):
+        return None, Problem("InvalidData", TOO_DEEP)
     # A \uD800-style escape decodes to a lone surrogate, which no UTF-8 store can hold.
     if "\\u" in text and not _encodable(dumps(data)):
         return None, Problem("InvalidData", "eventData holds a lone UTF-16 surrogate")
     return data, check_event(data, account_id, text_bytes=len(raw))
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """True when ``value`` nests more than ``limit`` dicts/lists (itself counting as one);
+    iterative, so any depth is measured without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list, tuple)))
+    return False
 
 
 def _encodable(text: str) -> bool:

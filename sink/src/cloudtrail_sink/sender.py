@@ -106,7 +106,7 @@ def classify_exception(exc: BaseException) -> RequestFailed:
 def _assume_role_session(base, role_arn: str, region: str | None):
     """A boto3 session whose credentials come from AssumeRole and refresh before expiry."""
     import boto3
-    from botocore.credentials import DeferredRefreshableCredentials
+    from botocore.credentials import CredentialProvider, DeferredRefreshableCredentials
     from botocore.session import get_session
     import os
 
@@ -118,11 +118,17 @@ def _assume_role_session(base, role_arn: str, region: str | None):
         return {"access_key": creds["AccessKeyId"], "secret_key": creds["SecretAccessKey"],
                 "token": creds["SessionToken"], "expiry_time": creds["Expiration"].isoformat()}
 
+    class AssumedRole(CredentialProvider):
+        METHOD = "sts-assume-role"
+
+        def load(self):
+            # Deferred: the first STS call happens with the first request, so a transient STS
+            # problem pauses delivery (and is retried) instead of failing the start.
+            return DeferredRefreshableCredentials(refresh_using=refresh, method=self.METHOD)
+
     botocore_session = get_session()
-    # Deferred: the first STS call happens with the first request, so a transient STS problem
-    # pauses delivery (and is retried) instead of failing the start.
-    botocore_session._credentials = DeferredRefreshableCredentials(
-        refresh_using=refresh, method="sts-assume-role")
+    # First in the session's public credential chain, so nothing else is asked.
+    botocore_session.get_component("credential_provider").insert_before("env", AssumedRole())
     return boto3.Session(botocore_session=botocore_session, region_name=region)
 
 
@@ -183,9 +189,9 @@ def use_prebuilt_bodies(client) -> bool:
     when its parameter validation is on (botocore would refuse parameters without
     ``auditEvents``). ``client.meta.config`` does not tell (it always says True), the
     serializer does: validation wraps it."""
-    from botocore.validate import ParamValidationDecorator
+    from .botocompat import validates_parameters
 
-    if isinstance(getattr(client, "_serializer", None), ParamValidationDecorator):
+    if validates_parameters(client):
         return False
     client.meta.events.register(f"provide-client-params.{_EVENT_SUFFIX}", _lift_body,
                                 unique_id="cloudtrail-sink-lift-body")

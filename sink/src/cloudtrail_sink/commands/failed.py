@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 
 from .. import spool
+from ..spool.failed import failed_files, keep_only, read_lines
+from . import SubParsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("failed", help="list or replay dead-lettered events")
     sub = parser.add_subparsers(dest="failed_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
@@ -38,36 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
-def _files(lay: spool.Layout) -> list[str]:
-    try:
-        names = sorted(os.listdir(lay.failed))
-    except FileNotFoundError:
-        return []
-    return [n for n in names if n.endswith(".jsonl")
-            and os.path.isfile(os.path.join(lay.failed, n))
-            and not os.path.islink(os.path.join(lay.failed, n))]
-
-
-def _read(path: str) -> list[tuple[int, str, dict | None]]:
-    out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            text = raw.decode("utf-8", "replace").rstrip("\n")
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-            out.append((lineno, text, obj if isinstance(obj, dict) else None))
-    return out
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     lay = spool.layout(args.spool_dir)
     counts: collections.Counter = collections.Counter()
-    for name in _files(lay):
-        for lineno, text, obj in _read(os.path.join(lay.failed, name)):
+    for name in failed_files(lay):
+        for lineno, text, obj in read_lines(os.path.join(lay.failed, name)):
             if obj is None:
                 print(f"{name}:{lineno}: not a JSON object (kept)", file=sys.stderr)
                 continue
@@ -89,11 +65,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     replayed_files: list[tuple[str, list[str]]] = []
     bad = 0
     with spool.SpoolWriter(lay.root, kind="replay") as writer:
-        for name in _files(lay):
+        for name in failed_files(lay):
             path = os.path.join(lay.failed, name)
             keep: list[str] = []
             took = 0
-            for lineno, text, obj in _read(path):
+            for lineno, text, obj in read_lines(path):
                 if obj is None or not isinstance(obj.get("eventData"), dict):
                     bad += 1
                     print(f"{name}:{lineno}: not a dead-lettered event (kept)", file=sys.stderr)
@@ -111,15 +87,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 replayed_files.append((path, keep))
         # Seal (fsync + rename) before touching failed/: the events exist twice, never zero times.
     for path, keep in replayed_files:
-        if keep:
-            tmp = os.path.join(lay.tmp, f"{writer.writer}-rewrite-{os.path.basename(path)}")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in keep))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
-        else:
-            os.unlink(path)
+        keep_only(lay, path, keep, writer.writer)
     print(f"failed replay: {writer.events_written} events back in ready/ "
           f"({len(writer.sealed)} segments)" + (f"; {bad} unreadable lines kept" if bad else ""),
           file=sys.stderr)

@@ -39,13 +39,14 @@ import time as _time
 from ..mappings import CompileError, LuaMapper, MapperLoadError, check_examples, check_patterns, compile_files
 from ..mappings.build import build, source_files, write_atomic
 from ..mappings.runner import filled
+from . import SubParsers
 
 
 def _default_paths() -> list[str]:
     return [os.environ.get("CLOUDTRAIL_MAPPINGS", "mappings")]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("mappings", help="compile, test and check YAML mapping rules")
     sub = parser.add_subparsers(dest="mappings_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])

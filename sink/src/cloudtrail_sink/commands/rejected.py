@@ -30,12 +30,13 @@ import os
 import sys
 from typing import Any, Iterator
 
-import msgpack
 
 from .. import spool
+from ..spool.rejected import Unreadable, read_entries, rejected_files, rewrite
+from . import SubParsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("rejected",
                                    help="list, show or replay records no mapping rule took")
     sub = parser.add_subparsers(dest="rejected_command", metavar="SUBCOMMAND")
@@ -58,50 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--dry-run", action="store_true",
                            help="report what would map; change nothing")
         p.set_defaults(func=func)
-
-
-class Unreadable(Exception):
-    """A rejected file that cannot be opened or decoded to its end."""
-
-
-def rejected_files(lay: spool.Layout) -> list[str]:
-    """Names in ``rejected/`` that are regular ``.rej`` files, in sealing order."""
-    try:
-        names = sorted(os.listdir(lay.rejected))
-    except FileNotFoundError:
-        return []
-    out = []
-    for name in names:
-        path = os.path.join(lay.rejected, name)
-        if name.endswith(".rej") and os.path.isfile(path) and not os.path.islink(path):
-            out.append(name)
-    return out
-
-
-def read_entries(path: str) -> list[dict]:
-    """Every entry of one rejected file; raises ``Unreadable`` unless all of it decodes."""
-    try:
-        f = spool.open_segment(path)
-    except OSError as exc:
-        raise Unreadable(f"{path}: cannot open: {exc}") from exc
-    with f:
-        data = f.read()
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-    unpacker.feed(data)
-    entries = []
-    end = 0  # offset just after the last complete entry
-    try:
-        for entry in unpacker:
-            if not isinstance(entry, dict) or "record" not in entry:
-                raise Unreadable(f"{path}: entry {len(entries) + 1} is not a rejected-record map")
-            entries.append(entry)
-            end = unpacker.tell()
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise Unreadable(f"{path}: undecodable after {len(entries)} entries: {exc}") from exc
-    if end != len(data):
-        raise Unreadable(f"{path}: truncated after {len(entries)} entries "
-                         f"(byte {end} of {len(data)})")
-    return entries
 
 
 def jsonable(value: Any) -> Any:
@@ -164,18 +121,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     return status
 
 
-def _rewrite(lay: spool.Layout, name: str, entries: list[dict]) -> None:
-    """Replace rejected/<name> by a file holding only ``entries`` (tmp, fsync, rename)."""
-    tmp = os.path.join(lay.tmp, f"rejected-rewrite-{os.getpid()}-{name}.tmp")
-    packer = msgpack.Packer(use_bin_type=True)
-    with open(tmp, "xb") as f:
-        for entry in entries:
-            f.write(packer.pack(entry))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(lay.rejected, name))
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     from ..mappings import LuaMapper, MapperLoadError
 
@@ -222,10 +167,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for name, mapped, still in plans:
         if not mapped:
             if still:
-                _rewrite(lay, name, still)  # refresh the reasons
+                rewrite(lay, name, still)  # refresh the reasons
             continue
         if still:
-            _rewrite(lay, name, still)
+            rewrite(lay, name, still)
         else:
             os.remove(os.path.join(lay.rejected, name))
     print(f"replayed {n_mapped} record(s) into ready/; {n_still} still rejected")

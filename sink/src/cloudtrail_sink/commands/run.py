@@ -14,12 +14,13 @@ import os
 import sys
 
 from ..config import ConfigError, SinkConfig, env_default
+from . import SubParsers
 
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "run", help="deliver spooled events into CloudTrail Lake",
         description="Watch SPOOL/ready and deliver its events with PutAuditEvents, at least once.",
@@ -62,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.setup(cfg.log_level, cfg.log_format)
 
-    from ..runner import LockHeld, Runner
+    from ..delivery.coordinator import Runner
+    from ..spool.lock import LockHeld
 
     try:
         runner = Runner(cfg)

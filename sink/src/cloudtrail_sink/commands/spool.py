@@ -3,8 +3,11 @@
 ``spool write --spool-dir D [FILE|-]`` reads one JSON object per line: either an ``eventData``
 object, or a wrapper ``{"eventData": {...}, "tag": "...", "time": <float>, "id": "..."}``. Events
 are published as sealed segments exactly as the Lua writer does (writer kind ``cli``). A line
-that is not a JSON object is reported on stderr as ``FILE:LINE: reason`` and skipped; every
-valid line is still written, and the exit code is 1 when any line was skipped. On a terminal a
+that is not a JSON object, or holds what a spool record cannot (an integer beyond 64 bits,
+nesting too deep), is reported on stderr as ``FILE:LINE: reason`` and skipped; every valid line
+is still written, and the exit code is 1 when any line was skipped. When the spool cannot be
+written (full disk), it stops, removes the unsealed segment's ``tmp/`` file, says which lines
+are not in the spool and exits 1. On a terminal a
 progress line is drawn on stderr. Streamed input (a pipe, FIFO or terminal, e.g. ``tail -f log |
 cloudtrail-sink spool write -``) is read as it comes, and a segment open for ``--max-age``
 seconds is sealed even while no line arrives, so events reach ``ready/`` promptly.
@@ -25,9 +28,10 @@ import time
 from typing import Iterator
 
 from .. import spool
+from . import SubParsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser("spool", help="write events into a spool; show its contents")
     sub = parser.add_subparsers(dest="spool_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
@@ -104,40 +108,79 @@ def cmd_write(args: argparse.Namespace) -> int:
     progress = _Progress(show, total)
     bad = 0
     done = 0
+    lineno = 0
     try:
-        with spool.SpoolWriter(args.spool_dir, kind="cli", max_events=args.max_events,
-                               max_bytes=args.max_bytes, fsync=not args.no_fsync,
-                               max_age=max_age) as writer:
-            lines = _streamed_lines(stream.fileno(), writer) if max_age else stream
-            for lineno, raw in enumerate(lines, 1):
-                done += len(raw)
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except ValueError as exc:
-                    bad += 1
-                    print(f"{name}:{lineno}: not JSON ({exc.msg})", file=sys.stderr)
-                    continue
-                if not isinstance(obj, dict):
-                    bad += 1
-                    print(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
-                          file=sys.stderr)
-                    continue
-                try:
-                    _write_line(writer, obj, args.tag)
-                except (ValueError, TypeError, UnicodeEncodeError) as exc:
-                    bad += 1
-                    print(f"{name}:{lineno}: {exc}", file=sys.stderr)
-                    continue
-                progress.update(writer.events_written, done)
-            progress.update(writer.events_written, done, final=True)
+        writer = spool.SpoolWriter(args.spool_dir, kind="cli", max_events=args.max_events,
+                                   max_bytes=args.max_bytes, fsync=not args.no_fsync,
+                                   max_age=max_age)
+    except OSError as exc:
+        print(f"cloudtrail-sink spool write: cannot use spool {args.spool_dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        if stream is not sys.stdin.buffer:
+            stream.close()
+        return 2
+    first_open = 0  # input line of the open segment's first event
+    try:
+        lines = _streamed_lines(stream.fileno(), writer) if max_age else stream
+        for lineno, raw in enumerate(lines, 1):
+            done += len(raw)
+            if not raw.strip():
+                continue
+            problem = _line_problem(raw)
+            if isinstance(problem, str):
+                bad += 1
+                print(f"{name}:{lineno}: {problem}", file=sys.stderr)
+                continue
+            if writer.open_events == 0:
+                first_open = lineno
+            try:
+                _write_line(writer, problem, args.tag)
+            except OverflowError:
+                bad += 1
+                print(f"{name}:{lineno}: holds an integer beyond 64 bits, which a spool record "
+                      "cannot carry", file=sys.stderr)
+                continue
+            except (ValueError, TypeError, UnicodeEncodeError) as exc:
+                bad += 1
+                print(f"{name}:{lineno}: {_short(exc)}", file=sys.stderr)
+                continue
+            progress.update(writer.events_written, done)
+        writer.close()
+        progress.update(writer.events_written, done, final=True)
+    except OSError as exc:
+        writer.discard()
+        where = f"{name}:{lineno}" if lineno else name
+        print(f"{where}: cannot write to spool {args.spool_dir} ({exc.strerror or exc}); "
+              f"stopped: the {writer.discarded} events of the unsealed segment (lines "
+              f"{first_open} to {lineno}) and the lines after it are not in the spool (no "
+              "partial file is left)", file=sys.stderr)
+        print(f"spool write: {writer.events_written - writer.discarded} events in "
+              f"{len(writer.sealed)} segments; failed", file=sys.stderr)
+        return 1
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
     print(f"spool write: {writer.events_written} events in {len(writer.sealed)} segments"
           + (f", {bad} lines skipped" if bad else ""), file=sys.stderr)
     return 1 if bad else 0
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _line_problem(raw: bytes) -> dict | str:
+    """The line's JSON object, or why it is not one (never raises)."""
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        return "not JSON (nested too deep to read)"
+    except ValueError as exc:  # JSONDecodeError, and integers of more than 4,300 digits
+        return f"not JSON ({getattr(exc, 'msg', None) or _short(exc)})"
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    return obj
 
 
 def _streamed_lines(fd: int, writer: spool.SpoolWriter) -> Iterator[bytes]:

@@ -17,8 +17,13 @@ This module is the Python side of ``docs/spool.md`` and follows it exactly:
   nobody holds a file (a held file is never taken, however old its modification time).
 - :func:`open_segment` opens with ``O_NOFOLLOW | O_NONBLOCK`` and refuses anything ``fstat`` does
   not call a regular file (:class:`NotRegularFile`), so a spool writer cannot make the sink read a
-  file it links to. :func:`read_records` streams the records with a bounded buffer and reports the
-  offset of the first undecodable byte instead of raising.
+  file it links to; ``delivery/reader.py`` reads a segment's records from it, with bounded
+  memory, never raising on its bytes.
+- ``Layout.acks`` is the sink's own ``acks/`` folder (:func:`ensure_acks`), see ``docs/spool.md``.
+
+The rest of the spool's code is in this package: ``lock.py`` (``sink.lock``),
+``deadletters.py`` (writes ``failed/`` and ``quarantine/``), ``failed.py`` and ``rejected.py``
+(read and rewrite ``failed/`` and ``rejected/``).
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import random
 import re
 import stat
 import time as _time
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 import msgpack
 
 FOLDERS = ("tmp", "ready", "failed", "rejected", "quarantine")
 LOCK_NAME = "sink.lock"
+ACKS = "acks"  # the sink's ack journals (delivery/journal.py); not a spool folder writers know
 DIR_MODE = 0o750
 
 WRITER_RE = re.compile(r"\A[A-Za-z0-9_]{1,64}\Z")
@@ -59,11 +65,13 @@ class Layout:
     rejected: str
     quarantine: str
     lock: str
+    acks: str = ""
 
 
 def layout(root: str | os.PathLike) -> Layout:
     root = os.fspath(root)
-    return Layout(root, *(os.path.join(root, f) for f in FOLDERS), os.path.join(root, LOCK_NAME))
+    return Layout(root, *(os.path.join(root, f) for f in FOLDERS), os.path.join(root, LOCK_NAME),
+                  os.path.join(root, ACKS))
 
 
 def ensure_layout(root: str | os.PathLike) -> Layout:
@@ -73,6 +81,11 @@ def ensure_layout(root: str | os.PathLike) -> Layout:
     for folder in FOLDERS:
         os.makedirs(os.path.join(lay.root, folder), mode=DIR_MODE, exist_ok=True)
     return lay
+
+
+def ensure_acks(lay: Layout) -> None:
+    """The sink's own ``acks/`` folder (per-segment ack journals), created when missing."""
+    os.makedirs(lay.acks, mode=DIR_MODE, exist_ok=True)
 
 
 def writer_name(kind: str, rand: random.Random | None = None, pid: int | None = None) -> str:
@@ -165,6 +178,7 @@ class SpoolWriter:
         self.seq = 0
         self.sealed: list[str] = []
         self.events_written = 0
+        self.discarded = 0  # events written into segments dropped by discard()
         self._file: BinaryIO | None = None
         self._path: str | None = None
         self._count = 0
@@ -181,7 +195,13 @@ class SpoolWriter:
                                   "time": float(self.clock() if time is None else time)}
         if id is not None:
             record["id"] = str(id)
-        data = self._packer.pack(record)
+        try:
+            data = self._packer.pack(record)
+        except BaseException:
+            # A value msgpack cannot hold (integer beyond 64 bits, nesting beyond its limit)
+            # may leave part of it in the packer's buffer: the next record must not carry it.
+            self._packer.reset()
+            raise
         if self._file is not None and self.max_age is not None:
             self.tick()
         if self._file is None:
@@ -194,7 +214,11 @@ class SpoolWriter:
             self._opened_at = self.clock()
             self._count = 0
             self._bytes = 0
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError:
+            self.discard()
+            raise
         self._count += 1
         self._bytes += len(data)
         self.events_written += 1
@@ -226,15 +250,39 @@ class SpoolWriter:
         f, path = self._file, self._path
         self._file = self._path = None
         try:
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-            # Renamed while the lock is still held; closing releases it.
-            dest = publish(self.layout, path, self.writer, self.seq, self.clock)
-        finally:
-            f.close()
+            try:
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+                # Renamed while the lock is still held; closing releases it.
+                dest = publish(self.layout, path, self.writer, self.seq, self.clock)
+            finally:
+                f.close()
+        except OSError:
+            _unlink_quietly(path)  # a full disk must not leave a partial segment behind
+            self.discarded += self._count
+            raise
         self.sealed.append(dest)
         return dest
+
+    @property
+    def open_events(self) -> int:
+        """Events written into the segment not yet sealed (lost if it is discarded)."""
+        return self._count if self._file is not None else 0
+
+    def discard(self) -> None:
+        """Drop the open segment and its ``tmp/`` file (after a write failed); its events are
+        added to ``discarded``."""
+        f, path = self._file, self._path
+        self._file = self._path = None
+        if f is None:
+            return
+        self.discarded += self._count
+        try:
+            f.close()
+        except OSError:
+            pass  # its buffered bytes could not be written either: they go with the file
+        _unlink_quietly(path)
 
     def close(self) -> None:
         """Seal the open segment; with ``fsync``, also make the renames durable (once)."""
@@ -247,6 +295,14 @@ class SpoolWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _unlink_quietly(path: str | None) -> None:
+    try:
+        if path:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 class NotRegularFile(OSError):
@@ -272,51 +328,3 @@ def open_segment(path: str) -> BinaryIO:
         os.close(fd)
         raise
 
-
-@dataclasses.dataclass
-class DecodeError:
-    """Bytes from ``offset`` on cannot be decoded (``size`` is the file's size)."""
-
-    offset: int
-    size: int
-    error: str
-
-
-def read_records(f: BinaryIO) -> Iterator[tuple[int, Any] | DecodeError]:
-    """Yield ``(offset, record)`` for each msgpack value, then a :class:`DecodeError` if the
-    segment has undecodable or truncated bytes at the end (nothing is raised for bad data)."""
-    unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace",
-                                max_buffer_size=MAX_RECORD_BYTES, strict_map_key=False)
-    size = 0
-    offset = 0
-    while True:
-        chunk = f.read(READ_CHUNK)
-        if chunk:
-            size += len(chunk)
-            try:
-                unpacker.feed(chunk)
-            except msgpack.BufferFull:
-                yield DecodeError(offset, _rest_size(f, size), "record larger than "
-                                  f"{MAX_RECORD_BYTES} bytes")
-                return
-        try:
-            for obj in unpacker:
-                yield offset, obj
-                offset = unpacker.tell()
-        except msgpack.BufferFull:
-            yield DecodeError(offset, _rest_size(f, size), f"record larger than {MAX_RECORD_BYTES} bytes")
-            return
-        except Exception as exc:  # FormatError, StackError, ExtraData, ValueError, ...
-            yield DecodeError(offset, _rest_size(f, size), f"{type(exc).__name__}: {exc}")
-            return
-        if not chunk:
-            break
-    if offset < size:
-        yield DecodeError(offset, size, "truncated record at end of segment")
-
-
-def _rest_size(f: BinaryIO, size_so_far: int) -> int:
-    try:
-        return os.fstat(f.fileno()).st_size
-    except OSError:
-        return size_so_far

@@ -2,8 +2,9 @@
 
 - :meth:`DeadLetters.write` writes one ``failed/<sealed_us>-<writer>-<seq>.jsonl`` file for a list
   of finalized failures: JSON lines ``{"failedAt", "errorCode", "errorMessage", "segment", "tag",
-  "time", "id", "eventData"}``, written under ``tmp/``, fsynced, then renamed into place. Only
-  after the rename may the caller finalize those events.
+  "time", "id", "eventData"[, "recordMsgpackBase64"]}``, written under ``tmp/``, fsynced, then
+  renamed into place. Only after the rename may the caller finalize those events. Writing never
+  fails on content (:func:`dump_line`): only the disk can make it fail (``OSError``).
 - :meth:`DeadLetters.quarantine` copies the undecodable bytes of a segment from ``offset`` to the
   end into ``quarantine/<segment name>`` and writes the sidecar
   ``quarantine/<segment name>.reason.json`` (``{"segment", "offset", "size", "error",
@@ -13,16 +14,16 @@ The writer name is ``sink_<pid>_<random>``; the clock and random source are inje
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import json
 import os
 import random
-import shutil
 import threading
 import time
 from typing import Any, BinaryIO, Callable
 
-from . import spool
+from .. import safejson, spool
 
 
 def iso_utc(ts: float) -> str:
@@ -30,16 +31,27 @@ def iso_utc(ts: float) -> str:
 
 
 def failure_line(*, code: str, message: str, segment: str, tag: Any, time_: Any, id: str,
-                 event_data: Any, failed_at: float) -> dict:
-    return {"failedAt": iso_utc(failed_at), "errorCode": code, "errorMessage": message,
+                 event_data: Any, failed_at: float, raw: bytes | None = None) -> dict:
+    line = {"failedAt": iso_utc(failed_at), "errorCode": code, "errorMessage": message,
             "segment": segment, "tag": tag, "time": time_, "id": id, "eventData": event_data}
+    if raw is not None:
+        line[RAW_KEY] = raw  # only kept when the JSON form of the record is lossy
+    return line
 
 
-def _json_default(value: Any) -> Any:
-    # msgpack bin values and other non-JSON leaves must not stop a dead letter from being written.
-    if isinstance(value, (bytes, bytearray)):
-        return value.decode("utf-8", "replace")
-    return repr(value)
+# The record's own msgpack bytes (base64), present only when its JSON form had to change it.
+RAW_KEY = "recordMsgpackBase64"
+
+
+def dump_line(line: dict) -> str:
+    """One JSON line for a failure; never raises on content (see :mod:`safejson`): what JSON
+    cannot hold as is is made safe, and then the record's bytes ride along, base64-encoded."""
+    raw = line.pop(RAW_KEY, None)
+    safe, lossy = safejson.jsonable(line)
+    if lossy and raw is not None:
+        safe[RAW_KEY] = base64.b64encode(raw).decode("ascii")
+    # surrogatepass below keeps lone surrogates of str values as they were decoded.
+    return json.dumps(safe, ensure_ascii=False)
 
 
 class DeadLetters:
@@ -72,15 +84,19 @@ class DeadLetters:
             raise
         return path
 
-    def write(self, lines: list[dict]) -> str:
-        """Publish failures into ``failed/``; returns the file's path."""
-        data = "".join(json.dumps(line, ensure_ascii=False, default=_json_default)
-                       + "\n" for line in lines).encode("utf-8", "surrogatepass")
+    def write(self, lines: list[dict], intent: Callable[[str], None] | None = None) -> str:
+        """Publish failures into ``failed/``; returns the file's path. ``intent`` is called
+        with the file's name just before it is renamed into place (the ack journals record
+        it there, so a restart knows these events were dead-lettered if the file exists)."""
+        data = "".join(dump_line(line) + "\n" for line in lines).encode("utf-8", "surrogatepass")
         seq = self._next_seq()
         tmp = self._write_tmp(seq, data)
         try:
-            dest = spool.publish(self.layout, tmp, self.writer, seq, self.clock,
-                                 folder=self.layout.failed, suffix=".jsonl")
+            dest = os.path.join(self.layout.failed, spool.ready_name(
+                int(self.clock() * 1_000_000), self.writer, seq, ".jsonl"))
+            if intent is not None:
+                intent(os.path.basename(dest))
+            os.rename(tmp, dest)
         except BaseException:
             _unlink_quietly(tmp)
             raise
@@ -90,15 +106,26 @@ class DeadLetters:
         return dest
 
     def quarantine(self, f: BinaryIO, segment: str, offset: int, size: int, error: str,
-                   records_before: int) -> str:
-        """Copy the segment's bytes from ``offset`` on into ``quarantine/``; returns its path."""
+                   records_before: int, end: int | None = None) -> str:
+        """Copy the segment's bytes from ``offset`` to ``end`` (None: its end) into
+        ``quarantine/``; returns its path. The name is the segment's for its tail, and
+        ``<segment>.<offset>`` for a run with records after it: the same bytes always get the
+        same name, so a crash and a second read never quarantine them twice."""
         seq = self._next_seq()
         tmp = os.path.join(self.layout.tmp, f"{self.writer}-{seq:010d}.quarantine")
-        dest = os.path.join(self.layout.quarantine, segment)
+        dest = os.path.join(self.layout.quarantine,
+                            segment if end is None else f"{segment}.{offset:012d}")
         try:
-            f.seek(offset)
             with open(tmp, "wb") as out:
-                shutil.copyfileobj(f, out, 1 << 20)
+                # pread: the caller's reader is still reading ``f``; its position stays.
+                pos = offset
+                while end is None or pos < end:
+                    want = 1 << 20 if end is None else min(1 << 20, end - pos)
+                    chunk = os.pread(f.fileno(), want, pos)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    pos += len(chunk)
                 out.flush()
                 if self.fsync:
                     os.fsync(out.fileno())
@@ -108,6 +135,8 @@ class DeadLetters:
             raise
         reason = {"segment": segment, "offset": offset, "size": size, "error": error,
                   "quarantinedAt": iso_utc(self.clock()), "recordsBefore": records_before}
+        if end is not None:
+            reason["end"] = end
         seq = self._next_seq()
         tmp = self._write_tmp(seq, (json.dumps(reason) + "\n").encode(), ".quarantine")
         try:

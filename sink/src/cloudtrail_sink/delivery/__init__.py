@@ -1,0 +1,1 @@
+"""Delivery of spooled events: segment reading, the ack journal (see docs/architecture.md)."""

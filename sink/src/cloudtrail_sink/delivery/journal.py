@@ -1,0 +1,129 @@
+"""Per-segment acknowledgement journal: what a restarted sink must not send again.
+
+``acks/<segment name>.acks`` holds one line per settlement, appended with a single ``write``
+(``O_APPEND``), each naming records by their byte offset in the segment:
+
+- ``a OFFSET...``: accepted by the service;
+- ``d FILE OFFSET...``: dead-lettered into ``failed/FILE``; written just *before* that file is
+  renamed into place, and only counted when ``failed/FILE`` exists, so a crash between the two
+  neither loses the events nor writes their dead letters twice.
+
+:meth:`AckJournal.settled` is what a new read of the segment skips. A line cut short by a crash
+(no newline) is ignored. The journal is removed right after its segment is deleted (a journal
+without its segment is removed at start-up).
+
+fsync policy: the journal is never fsynced. A SIGKILL or a crash of the sink loses nothing that
+was written (the page cache survives the process); only a power loss or kernel crash can lose
+recent lines, and then those events are sent again (at least once still holds). An fsync per
+request would cost more than the request itself on many disks. A journal that cannot be written
+(full disk) is logged and costs only duplicates after a crash, never an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger("cloudtrail_sink.journal")
+
+SUFFIX = ".acks"
+
+
+class AckJournal:
+    def __init__(self, folder: str, segment: str, failed_dir: str):
+        self.path = os.path.join(folder, segment + SUFFIX)
+        self.failed_dir = failed_dir
+        self._warned = False
+        self._fd: int | None = None  # opened at the first line, kept until remove()/close()
+        self._lock = threading.Lock()
+
+    def settled(self) -> set[int]:
+        """Offsets of the records already accepted or dead-lettered (their file exists)."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            log.warning("cannot read an ack journal; its segment's events are sent again",
+                        extra={"journal": self.path, "error": exc.strerror})
+            return set()
+        out: set[int] = set()
+        exists: dict[str, bool] = {}
+        for line in data.split(b"\n")[:-1]:  # the last piece has no newline: cut short
+            parts = line.split()
+            try:
+                if parts[0] == b"a":
+                    out.update(int(x) for x in parts[1:])
+                elif parts[0] == b"d":
+                    name = os.path.basename(parts[1].decode("ascii"))
+                    if name not in exists:
+                        exists[name] = os.path.isfile(os.path.join(self.failed_dir, name))
+                    if exists[name]:
+                        out.update(int(x) for x in parts[2:])
+            except (IndexError, ValueError, UnicodeDecodeError):
+                continue  # a damaged line only costs duplicates
+        return out
+
+    def accepted(self, offsets: list[int]) -> None:
+        self._append(b"a " + " ".join(map(str, offsets)).encode() + b"\n")
+
+    def dead_lettered(self, failed_file: str, offsets: list[int]) -> None:
+        self._append(b"d " + failed_file.encode("ascii") + b" "
+                     + " ".join(map(str, offsets)).encode() + b"\n")
+
+    def _append(self, line: bytes) -> None:
+        try:
+            fd = self._fd
+            if fd is None:
+                with self._lock:
+                    if self._fd is None:
+                        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                           | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+                    fd = self._fd
+            # One write per line on an O_APPEND descriptor: sender threads never interleave.
+            os.write(fd, line)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot write the ack journal; after a crash this segment's "
+                            "settled events would be sent again",
+                            extra={"journal": self.path, "error": exc.strerror})
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def remove(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove an ack journal", extra={"journal": self.path,
+                                                              "error": exc.strerror})
+
+
+def remove_orphans(folder: str, ready: str) -> int:
+    """Remove journals whose segment is gone from ``ready/``; returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.endswith(SUFFIX) and not os.path.lexists(
+                os.path.join(ready, name[:-len(SUFFIX)])):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
