@@ -258,3 +258,41 @@ def test_watch_command_keeps_the_last_good_file_and_stops_on_sigterm(project):
             proc.kill()
             proc.wait()
         reader.join(timeout=10)
+
+
+def test_an_unexpected_build_error_is_reported_once_and_the_watch_goes_on(project):
+    """Not a rule problem but an exception nobody planned for (a bug, a file that breaks a
+    library): the last good file stays, the message comes once, and the next edit publishes."""
+    clock, log = FakeClock(), io.StringIO()
+    src, out = project / "mappings" / "10-app.yaml", project / "rules.lua"
+
+    def flaky_build(paths):
+        if "Boom" in src.read_text():
+            raise RuntimeError("lupa went away")
+        return build(paths)
+
+    watch = MappingsWatch([str(project / "mappings")], str(out), flaky_build, clock=clock,
+                          out=log)
+    assert watch.step() == "published"
+    good = out.read_text()
+    src.write_text(app("Boom"))
+    assert watch.step() == "failed" and out.read_text() == good
+    assert watch.step() == "unchanged"
+    assert log.getvalue().count("unexpected error while building (RuntimeError: lupa went "
+                                "away); kept the last good file") == 1
+    src.write_text(app("SignIn"))
+    assert watch.step() == "published" and event_name(out) == "SignIn"
+
+
+def test_a_source_nested_too_deeply_is_a_problem_of_that_file_not_a_crash(project, capsys):
+    src, out = project / "mappings" / "10-app.yaml", project / "rules.lua"
+    src.write_text("rules: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["mappings", "compile", str(project / "mappings"), "-o", str(out)]) == 1
+    assert f"{src}:1: nested too deeply to be a mapping file" in capsys.readouterr().err
+    assert not out.exists()
+    log = io.StringIO()
+    watch = MappingsWatch([str(project / "mappings")], str(out), build, clock=FakeClock(),
+                          out=log)
+    assert watch.step() == "failed" and "nested too deeply" in log.getvalue()
+    src.write_text(app("Login"))
+    assert watch.step() == "published" and event_name(out) == "Login"
