@@ -24,8 +24,8 @@
 --     Each change of state is written atomically to <spool>/mappings-status.json:
 --     {"state": "ok"|"error", "mappings": path, "rules": n, "loaded_at": epoch seconds of the
 --     rules in use, "error": why the newest file was refused, "error_at": when,
---      "started_at": when this filter started, "dropped": {rule name: records its drop: rule
---      took since started_at}}; new drop counts are written at the next tick, then at most
+--     "started_at": when this filter started, "dropped": {rule name: records its drop: rule
+--     took since started_at}}; new drop counts are written at the next tick, then at most
 --     every STATUS_COUNTS_INTERVAL seconds.
 --   f:process(tag, timestamp, record) -> code, timestamp, record   (filter_lua's contract)
 --     * tick tag: seal what is older than the age limit, reload changed mappings; return -1.
