@@ -115,6 +115,25 @@ def test_every_file_a_message_names_is_shown_relative_to_the_display_root(projec
            "mappings/10-app.yaml" in err, err
 
 
+def test_layered_folders_are_each_named_relative_to_their_display_root(tmp_path, capsys):
+    """The Kubernetes sidecar layers the image's shipped rules with the ConfigMap: a message
+    about both names each file as the user knows it (mappings/NAME.yaml, as in the repository
+    and in the overlay folder), never by its path inside the image."""
+    image = tmp_path / "usr" / "share" / "shipper"
+    configmap = tmp_path / "etc" / "cloudtrail"
+    (image / "mappings").mkdir(parents=True)
+    (configmap / "mappings").mkdir(parents=True)
+    (image / "mappings" / "40-app.yaml").write_text(app("Login"))
+    (configmap / "mappings" / "50-mine.yaml").write_text(app("Mine", tag="mine"))  # same name
+    assert main(["mappings", "compile", str(image / "mappings"), str(configmap / "mappings"),
+                 "-o", str(tmp_path / "rules.lua"), "--display-root", str(configmap),
+                 "--display-root", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert "mappings/50-mine.yaml:2: name: rule name 'app-login' is already used in " \
+           "mappings/40-app.yaml" in err, err
+    assert str(tmp_path) not in err
+
+
 def test_later_folders_add_rules_and_replace_files_of_the_same_name(tmp_path):
     shipped, mine = tmp_path / "shipped", tmp_path / "mine"
     shipped.mkdir()
