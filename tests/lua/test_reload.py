@@ -245,3 +245,19 @@ def test_a_file_from_an_older_compiler_keeps_the_last_good_rules_and_says_recomp
     assert "no schema section: compile them again" in status["error"]
     assert list(p.names_by_record().values()) == ["OldName"]
     assert p.rejected() == []
+
+
+def test_a_file_that_never_finishes_evaluating_keeps_the_last_good_rules(tmp_path):
+    """The filter evaluates the file on Fluent Bit's one engine thread: a hand-written file
+    that loops must not hang the pipeline (a compiled file is one table constructor)."""
+    p = Pipeline(tmp_path)
+    replace(p.mappings, "while true do end\nreturn {}\n")
+    p.tick()
+    p.record()
+    status = p.status()
+    assert status["state"] == "error" and "does not finish" in status["error"]
+    assert list(p.names_by_record().values()) == ["OldName"]
+    replace(p.mappings, NEW)
+    p.tick()
+    p.record()
+    assert list(p.names_by_record().values()) == ["OldName", "NewName"]

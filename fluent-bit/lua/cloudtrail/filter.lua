@@ -139,13 +139,26 @@ local function stderr_logger(clock)
 end
 M.stderr_logger = stderr_logger
 
+-- Interpreted instructions a mappings file may take to evaluate: the shipped rules take about
+-- 3,000; a file that loops (written by hand: the compiler writes only a table constructor)
+-- would otherwise hang Fluent Bit's one engine thread, at start or at a reload.
+local EVAL_MAX_INSTRUCTIONS = 20000000
+
 -- load as text only (bytecode could crash the VM) in an empty environment: the compiled
 -- mappings are data only.
 function M.parse_mappings(text, path)
   local chunk, err = load(text, "@" .. tostring(path), "t")
   if not chunk then return nil, "cannot load mappings " .. tostring(path) .. ": " .. tostring(err) end
   setfenv(chunk, {})
+  -- Count hooks run only in LuaJIT's interpreter, so the chunk is kept out of the JIT. `debug`
+  -- and `jit` are there: Fluent Bit opens every library (luaL_openlibs in src/flb_luajit.c).
+  local jit_lib = rawget(_G, "jit")
+  if jit_lib then jit_lib.off(chunk, true) end
+  debug.sethook(function()
+    error("does not finish (more than " .. EVAL_MAX_INSTRUCTIONS .. " instructions)", 2)
+  end, "", EVAL_MAX_INSTRUCTIONS)
   local ok, value = pcall(chunk)
+  debug.sethook()
   if not ok then return nil, "mappings " .. path .. " failed to evaluate: " .. tostring(value) end
   if type(value) ~= "table" then return nil, "mappings " .. path .. " does not return a table" end
   if value.format ~= 1 then
