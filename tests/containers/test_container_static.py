@@ -267,8 +267,10 @@ def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered_daemo
     assert mount_source(fb, env["CLOUDTRAIL_MAPPINGS"]) is mount_source(watch, env["CLOUDTRAIL_MAPPINGS"])
     assert env["CLOUDTRAIL_MAPPINGS"] in watch["startupProbe"]["exec"]["command"]
     assert SHIPPED_IN_SINK_IMAGE in args
-    sources = [a for a in args[2:args.index("-o")] if not a.startswith("-")
-               and a != args[args.index("--display-root") + 1]]
+    roots = {args[i + 1] for i, a in enumerate(args) if a == "--display-root"}
+    sources = [a for a in args[2:args.index("-o")] if not a.startswith("-") and a not in roots]
+    # Messages name shipped and ConfigMap files alike as mappings/NAME.yaml.
+    assert {str(pathlib.PurePosixPath(s).parent) for s in sources} == roots
     assert sources[0] == SHIPPED_IN_SINK_IMAGE  # yours are layered over the shipped ones
     cm_mount = [m for m in watch["volumeMounts"] if m["mountPath"] == sources[-1]]
     assert len(cm_mount) == 1 and "subPath" not in cm_mount[0]  # kubelet updates it in place

@@ -378,3 +378,52 @@ def test_records_a_drop_rule_takes_are_counted_in_the_log_not_rejected(lua_filte
     [entry] = read_folder(spool, "ready", ".seg")
     assert entry["eventData"]["eventName"] == "get"
     assert names(spool, "rejected") == []
+
+
+def test_records_a_drop_rule_takes_are_counted_per_rule_in_the_status_file(lua_filter, spool,
+                                                                           tmp_path):
+    """The log line is rate-limited and its repeat count only appears with the next line; the
+    status file is where a user sees how many records each drop: rule took."""
+    import json
+    from cloudtrail_sink.mappings import compile_files
+    src = tmp_path / "stages.yaml"
+    src.write_text(
+        "rules:\n"
+        "  - name: not-final\n"
+        "    match: {tag: 'kube.*', fields: {$stage: {one_of: [RequestReceived]}}}\n"
+        "    drop: not the final stage\n"
+        "  - name: noise\n"
+        "    match: {tag: 'noise.*'}\n"
+        "    drop: health checks\n"
+        "  - name: audit\n"
+        "    match: {tag: 'kube.*'}\n"
+        "    oversize: truncate\n"
+        "    event:\n"
+        "      userIdentity: {type: T, principalId: $user}\n"
+        "      eventSource: k8s.io\n"
+        "      eventName: $verb\n")
+    rules = tmp_path / "stages.lua"
+    rules.write_text(compile_files([src]).lua_text())
+    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=str(rules))
+
+    def status():
+        return json.loads((spool / "mappings-status.json").read_text())
+
+    assert status()["dropped"] == {} and status()["started_at"] == START
+    for _ in range(3):
+        f.call("kube.audit", START, {"stage": "RequestReceived", "user": "u", "verb": "get"})
+    f.call("noise.lb", START, {"path": "/healthz"})
+    f.call("kube.audit", START, {"stage": "ResponseComplete", "user": "u", "verb": "get"})
+    f.now = START + 1
+    f.tick()
+    assert status()["dropped"] == {"not-final": 3, "noise": 1}
+    f.call("noise.lb", START, {"path": "/healthz"})
+    f.now = START + 5
+    f.tick()  # within 10 s of the last write: not rewritten for a count alone
+    assert status()["dropped"] == {"not-final": 3, "noise": 1}
+    f.now = START + 11
+    f.tick()
+    assert status()["dropped"] == {"not-final": 3, "noise": 2}
+    assert status()["state"] == "ok" and status()["rules"] == 3
+    assert [p.name for p in spool.iterdir() if p.name.startswith("mappings-status")] == [
+        "mappings-status.json"]  # no temporary file left behind

@@ -86,3 +86,30 @@ def test_replay_with_a_missing_mappings_file_fails_clearly(spool, capsys):
     assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings",
                      str(spool / "nope.lua")]) == 1
     assert "nope.lua" in capsys.readouterr()[1]
+
+
+def test_replay_lets_a_drop_rule_take_its_records_and_says_how_many(lua_filter, spool, tmp_path,
+                                                                    capsys):
+    """Records rejected while no good rules were loaded include stages a drop: rule takes: the
+    replay removes them as Fluent Bit would have, counted per rule, not 'still rejected'."""
+    f = lua_filter()  # stand-in rules: kube.* maps to nothing, so both records are rejected
+    base = {"kind": "Event", "apiVersion": "audit.k8s.io/v1", "auditID": "a-1", "verb": "get",
+            "user": {"username": "bob"}, "sourceIPs": ["192.0.2.9"],
+            "objectRef": {"resource": "pods"},
+            "requestReceivedTimestamp": "2025-11-27T10:00:00.000000Z"}
+    f.call("kube.audit", START, {**base, "stage": "RequestReceived"})
+    f.call("kube.audit", START, {**base, "stage": "ResponseComplete",
+                                 "responseStatus": {"code": 200}})
+    f.seal()
+    assert len(read_folder(spool, "rejected", ".rej")) == 2
+    rules = compiled(tmp_path, [MAPPINGS])
+    assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings", rules,
+                     "--dry-run"]) == 0
+    assert ("would replay 1 record(s); 0 would stay rejected; dropped 1 by rule "
+            "kubernetes-audit-not-final-stage") in capsys.readouterr()[0]
+    assert cli.main(["rejected", "replay", "--spool-dir", str(spool), "--mappings", rules]) == 0
+    assert ("replayed 1 record(s) into ready/; 0 still rejected; dropped 1 by rule "
+            "kubernetes-audit-not-final-stage") in capsys.readouterr()[0]
+    [event] = read_folder(spool, "ready", ".seg")
+    assert event["eventData"]["UID"] == "a-1-ResponseComplete"
+    assert os.listdir(spool / "rejected") == []

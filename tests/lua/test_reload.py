@@ -225,3 +225,39 @@ def test_every_record_uses_the_rules_of_the_last_good_file_seen_at_a_tick(steps)
                     replace(p.mappings, FILES[step])
         assert p.names_by_record() == expected
         assert p.rejected() == []
+
+
+def test_a_file_from_an_older_compiler_keeps_the_last_good_rules_and_says_recompile(tmp_path):
+    """Before the schema section existed, compiled files held only format and rules: such a
+    file (an old `compiled-mappings` volume, an old image's file) must not replace good rules."""
+    from cloudtrail_sink.mappings import luadata
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / "10-app.yaml"
+        path.write_text(RULE.format(name="Older"))
+        data = compile_files([path]).data()
+    del data["schema"]
+    p = Pipeline(tmp_path)
+    replace(p.mappings, luadata.dumps(data))
+    p.tick()
+    p.record()
+    status = p.status()
+    assert status["state"] == "error" and status["rules"] == 1
+    assert "no schema section: compile them again" in status["error"]
+    assert list(p.names_by_record().values()) == ["OldName"]
+    assert p.rejected() == []
+
+
+def test_a_file_that_never_finishes_evaluating_keeps_the_last_good_rules(tmp_path):
+    """The filter evaluates the file on Fluent Bit's one engine thread: a hand-written file
+    that loops must not hang the pipeline (a compiled file is one table constructor)."""
+    p = Pipeline(tmp_path)
+    replace(p.mappings, "while true do end\nreturn {}\n")
+    p.tick()
+    p.record()
+    status = p.status()
+    assert status["state"] == "error" and "does not finish" in status["error"]
+    assert list(p.names_by_record().values()) == ["OldName"]
+    replace(p.mappings, NEW)
+    p.tick()
+    p.record()
+    assert list(p.names_by_record().values()) == ["OldName", "NewName"]

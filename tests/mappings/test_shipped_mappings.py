@@ -226,3 +226,75 @@ def test_every_shipped_example_maps_to_the_right_time_a_stable_uid_and_lean_even
         assert event_bytes <= record_bytes + 300, (ex.name, event_bytes, record_bytes)
         checked += 1
     assert checked >= 30
+
+
+def audit_record(stage: str, verb: str, resource: str, subresource: str | None = None,
+                 code: int | None = None, audit_id: str = "a-1") -> dict:
+    """A Kubernetes audit.k8s.io/v1 Event as the API server writes it for one stage."""
+    ref = {"resource": resource, "namespace": "default", "name": "web-0", "apiVersion": "v1"}
+    if subresource:
+        ref["subresource"] = subresource
+    rec = {"kind": "Event", "apiVersion": "audit.k8s.io/v1", "level": "Metadata",
+           "auditID": audit_id, "stage": stage, "verb": verb,
+           "requestURI": f"/api/v1/namespaces/default/{resource}/web-0",
+           "user": {"username": "bob", "groups": ["system:authenticated"]},
+           "sourceIPs": ["203.0.113.9"], "objectRef": ref,
+           "requestReceivedTimestamp": "2025-11-27T10:00:02.500000Z",
+           "stageTimestamp": "2025-11-27T10:00:02.600000Z"}
+    if code is not None:
+        rec["responseStatus"] = {"metadata": {}, "code": code}
+    return rec
+
+
+# Every stage the API server writes for one request (k8s.io/apiserver endpoints/filters/audit.go:
+# RequestReceived, then ResponseStarted for long-running requests, then ResponseComplete, or
+# Panic instead), and which of them become events by default.
+REQUESTS = {
+    "get a pod": ([("RequestReceived", None), ("ResponseComplete", 200)], ["ResponseComplete"]),
+    "watch pods": ([("RequestReceived", None), ("ResponseStarted", 200),
+                    ("ResponseComplete", 200)], ["ResponseComplete"]),
+    "a panic": ([("RequestReceived", None), ("Panic", 500)], ["Panic"]),
+    # a session into a pod: the start is kept, its end may come hours later or never
+    "exec": ([("RequestReceived", None), ("ResponseStarted", 101), ("ResponseComplete", 101)],
+             ["ResponseStarted", "ResponseComplete"]),
+    "attach": ([("RequestReceived", None), ("ResponseStarted", 101)], ["ResponseStarted"]),
+    "portforward": ([("RequestReceived", None), ("ResponseStarted", 101)], ["ResponseStarted"]),
+}
+SHAPE = {"get a pod": ("get", "pods", None), "watch pods": ("watch", "pods", None),
+         "a panic": ("create", "pods", None), "exec": ("create", "pods", "exec"),
+         "attach": ("create", "pods", "attach"), "portforward": ("create", "pods", "portforward")}
+
+
+def test_kubernetes_audit_one_event_per_request_and_the_start_of_every_session(shipped_mapper):
+    for name, (stages, kept) in REQUESTS.items():
+        verb, resource, sub = SHAPE[name]
+        made = []
+        for stage, code in stages:
+            res = shipped_mapper.map("kube.audit", 1764237602.0,
+                                     audit_record(stage, verb, resource, sub, code))
+            assert res.event is not None or res.dropped, (name, stage, res.reason)
+            if res.event is not None:
+                assert res.event["UID"] == f"a-1-{stage}"
+                assert res.event["userIdentity"]["principalId"] == "bob"
+                assert res.event["eventTime"] == "2025-11-27T10:00:02Z"
+                made.append(stage)
+        assert made == kept, name
+
+
+def test_kubernetes_audit_switch_keeps_every_stage(tmp_path):
+    """The documented switch (also what an audit policy omitting ResponseComplete needs)."""
+    work = tmp_path / "mappings"
+    shutil.copytree(SHIPPED, work)
+    k8s = work / "20-kubernetes-audit.yaml"
+    text = k8s.read_text()
+    rule = "  - name: kubernetes-audit-not-final-stage\n"
+    assert text.count(rule) == 1
+    k8s.write_text(text.replace(rule, rule + "    enabled: false\n"))
+    mapper = LuaMapper(compile_files([work]).lua_text())
+    for name, (stages, _) in REQUESTS.items():
+        verb, resource, sub = SHAPE[name]
+        for stage, code in stages:
+            res = mapper.map("kube.audit", 1764237602.0,
+                             audit_record(stage, verb, resource, sub, code))
+            assert res.event is not None and res.rule.startswith("kubernetes-audit"), (name, stage)
+            assert res.event["UID"] == f"a-1-{stage}"

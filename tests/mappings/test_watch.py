@@ -115,6 +115,25 @@ def test_every_file_a_message_names_is_shown_relative_to_the_display_root(projec
            "mappings/10-app.yaml" in err, err
 
 
+def test_layered_folders_are_each_named_relative_to_their_display_root(tmp_path, capsys):
+    """The Kubernetes sidecar layers the image's shipped rules with the ConfigMap: a message
+    about both names each file as the user knows it (mappings/NAME.yaml, as in the repository
+    and in the overlay folder), never by its path inside the image."""
+    image = tmp_path / "usr" / "share" / "shipper"
+    configmap = tmp_path / "etc" / "cloudtrail"
+    (image / "mappings").mkdir(parents=True)
+    (configmap / "mappings").mkdir(parents=True)
+    (image / "mappings" / "40-app.yaml").write_text(app("Login"))
+    (configmap / "mappings" / "50-mine.yaml").write_text(app("Mine", tag="mine"))  # same name
+    assert main(["mappings", "compile", str(image / "mappings"), str(configmap / "mappings"),
+                 "-o", str(tmp_path / "rules.lua"), "--display-root", str(configmap),
+                 "--display-root", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert "mappings/50-mine.yaml:2: name: rule name 'app-login' is already used in " \
+           "mappings/40-app.yaml" in err, err
+    assert str(tmp_path) not in err
+
+
 def test_later_folders_add_rules_and_replace_files_of_the_same_name(tmp_path):
     shipped, mine = tmp_path / "shipped", tmp_path / "mine"
     shipped.mkdir()
@@ -258,3 +277,41 @@ def test_watch_command_keeps_the_last_good_file_and_stops_on_sigterm(project):
             proc.kill()
             proc.wait()
         reader.join(timeout=10)
+
+
+def test_an_unexpected_build_error_is_reported_once_and_the_watch_goes_on(project):
+    """Not a rule problem but an exception nobody planned for (a bug, a file that breaks a
+    library): the last good file stays, the message comes once, and the next edit publishes."""
+    clock, log = FakeClock(), io.StringIO()
+    src, out = project / "mappings" / "10-app.yaml", project / "rules.lua"
+
+    def flaky_build(paths):
+        if "Boom" in src.read_text():
+            raise RuntimeError("lupa went away")
+        return build(paths)
+
+    watch = MappingsWatch([str(project / "mappings")], str(out), flaky_build, clock=clock,
+                          out=log)
+    assert watch.step() == "published"
+    good = out.read_text()
+    src.write_text(app("Boom"))
+    assert watch.step() == "failed" and out.read_text() == good
+    assert watch.step() == "unchanged"
+    assert log.getvalue().count("unexpected error while building (RuntimeError: lupa went "
+                                "away); kept the last good file") == 1
+    src.write_text(app("SignIn"))
+    assert watch.step() == "published" and event_name(out) == "SignIn"
+
+
+def test_a_source_nested_too_deeply_is_a_problem_of_that_file_not_a_crash(project, capsys):
+    src, out = project / "mappings" / "10-app.yaml", project / "rules.lua"
+    src.write_text("rules: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["mappings", "compile", str(project / "mappings"), "-o", str(out)]) == 1
+    assert f"{src}:1: nested too deeply to be a mapping file" in capsys.readouterr().err
+    assert not out.exists()
+    log = io.StringIO()
+    watch = MappingsWatch([str(project / "mappings")], str(out), build, clock=FakeClock(),
+                          out=log)
+    assert watch.step() == "failed" and "nested too deeply" in log.getvalue()
+    src.write_text(app("Login"))
+    assert watch.step() == "published" and event_name(out) == "Login"

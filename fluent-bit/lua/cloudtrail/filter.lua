@@ -23,7 +23,10 @@
 --     place (records keep being mapped by them, none is rejected for it) and is logged once.
 --     Each change of state is written atomically to <spool>/mappings-status.json:
 --     {"state": "ok"|"error", "mappings": path, "rules": n, "loaded_at": epoch seconds of the
---     rules in use, "error": why the newest file was refused, "error_at": when}.
+--     rules in use, "error": why the newest file was refused, "error_at": when,
+--     "started_at": when this filter started, "dropped": {rule name: records its drop: rule
+--     took since started_at}}; new drop counts are written at the next tick, then at most
+--     every STATUS_COUNTS_INTERVAL seconds.
 --   f:process(tag, timestamp, record) -> code, timestamp, record   (filter_lua's contract)
 --     * tick tag: seal what is older than the age limit, reload changed mappings; return -1.
 --     * otherwise: map with the first matching rule; the event (eventData must be a table
@@ -32,8 +35,9 @@
 --       is appended to the rejected file as {"tag", "time", "reason", "record"}. Return -1:
 --       the record has left the pipeline and is in the spool.
 --     * a record a `drop:` rule matches (the rule means it to make no event, e.g. a Kubernetes
---       audit stage before the final one) is counted in stats.dropped and logged (each rule's
---       line at most once a minute, with the count of repeats); return -1.
+--       audit stage before the final one) is counted in stats.dropped and per rule in the
+--       status file, and logged (each rule's line at most once a minute, with the count of
+--       repeats); return -1.
 --     * if the spool cannot be written at all (disk full, read-only, folder gone and not
 --       re-creatable), return 0: the record stays in the pipeline unchanged rather than being
 --       dropped, and a log line says why. That is the only case in which a record passes.
@@ -43,6 +47,7 @@ local msgpack = require("cloudtrail.msgpack")
 local spool = require("cloudtrail.spool")
 local clock_mod = require("cloudtrail.clock")
 local reload = require("cloudtrail.reload")
+local MAP_MT = require("cloudtrail.json").MAP_MT
 
 local type, tostring, tonumber, pcall, setmetatable, load, setfenv =
       type, tostring, tonumber, pcall, setmetatable, load, setfenv
@@ -75,6 +80,8 @@ local LOG_INTERVAL = 60
 -- Below the tick's 1 s period, so every tick checks; a faster tick reads at most twice a second.
 local MAPPINGS_CHECK_INTERVAL = 0.5
 M.STATUS_FILE = "mappings-status.json"
+-- Drop counts change with every dropped record: rewrite the status for them at most this often.
+local STATUS_COUNTS_INTERVAL = 10
 
 local function positive_int(getenv, name, default, problems)
   local raw = getenv(name)
@@ -132,13 +139,26 @@ local function stderr_logger(clock)
 end
 M.stderr_logger = stderr_logger
 
+-- Interpreted instructions a mappings file may take to evaluate: the shipped rules take about
+-- 3,000; a file that loops (written by hand: the compiler writes only a table constructor)
+-- would otherwise hang Fluent Bit's one engine thread, at start or at a reload.
+local EVAL_MAX_INSTRUCTIONS = 20000000
+
 -- load as text only (bytecode could crash the VM) in an empty environment: the compiled
 -- mappings are data only.
 function M.parse_mappings(text, path)
   local chunk, err = load(text, "@" .. tostring(path), "t")
   if not chunk then return nil, "cannot load mappings " .. tostring(path) .. ": " .. tostring(err) end
   setfenv(chunk, {})
+  -- Count hooks run only in LuaJIT's interpreter, so the chunk is kept out of the JIT. `debug`
+  -- and `jit` are there: Fluent Bit opens every library (luaL_openlibs in src/flb_luajit.c).
+  local jit_lib = rawget(_G, "jit")
+  if jit_lib then jit_lib.off(chunk, true) end
+  debug.sethook(function()
+    error("does not finish (more than " .. EVAL_MAX_INSTRUCTIONS .. " instructions)", 2)
+  end, "", EVAL_MAX_INSTRUCTIONS)
   local ok, value = pcall(chunk)
+  debug.sethook()
   if not ok then return nil, "mappings " .. path .. " failed to evaluate: " .. tostring(value) end
   if type(value) ~= "table" then return nil, "mappings " .. path .. " does not return a table" end
   if value.format ~= 1 then
@@ -168,6 +188,10 @@ function M.new(cfg, deps)
     stats = { events = 0, rejected = 0, dropped = 0, kept = 0, ticks = 0 },
     mapper = nil,
     mapper_error = nil,
+    started_at = clock.now(),
+    -- Records each drop: rule took, by rule name (bounded by the rule names ever loaded).
+    dropped_by_rule = setmetatable({}, MAP_MT),
+    dropped_in_status = 0,
   }, Filter)
   f.spool = spool.new{
     root = cfg.spool_dir, max_events = cfg.max_events, max_bytes = cfg.max_bytes,
@@ -245,7 +269,10 @@ function Filter:write_status()
     state = self.status_error and "error" or "ok",
     mappings = safe_text(self.cfg.mappings),
     rules = self.mapper and self.rules or 0,
+    started_at = self.started_at,
+    dropped = self.dropped_by_rule,
   }
+  self.dropped_in_status = self.stats.dropped
   if self.mapper then fields.loaded_at = self.loaded_at end
   if self.status_error then
     fields.error = safe_text(self.status_error)
@@ -257,7 +284,15 @@ end
 
 function Filter:check_mappings()
   local text, err = self.watch:check()
-  if text ~= nil or err ~= nil then self:load_mapper(text, err) end
+  if text ~= nil or err ~= nil then return self:load_mapper(text, err) end
+  if self.stats.dropped ~= self.dropped_in_status then
+    local now, last = self.clock.now(), self.counts_at
+    -- The first drops show at once; a clock stepped back counts as due, as in cloudtrail.reload.
+    if last == nil or now < last or now - last >= STATUS_COUNTS_INTERVAL then
+      self.counts_at = now
+      self:write_status()
+    end
+  end
 end
 
 local EVENT_OPTS = { strict_utf8 = true, max_depth = EVENT_MAX_DEPTH }
@@ -323,9 +358,11 @@ end
 function Filter:map(tag, timestamp, record)
   local m = self.mapper
   if m == nil then return nil, self.mapper_error or "no mappings loaded" end
-  local ok, event, reason, _, dropped = pcall(m.map, m, tag, timestamp, record)
+  local ok, event, reason, rule, dropped = pcall(m.map, m, tag, timestamp, record)
   if not ok then return nil, "mapping failed: " .. safe_text(event) end
-  if event == nil then return nil, safe_text(reason or "no rule matched"), dropped == true end
+  if event == nil then
+    return nil, safe_text(reason or "no rule matched"), dropped == true, rule
+  end
   if type(event) ~= "table" then return nil, "mapping returned a " .. type(event) .. ", not a table" end
   if type(event.UID) ~= "string" or event.UID == "" then
     return nil, "mapping produced no UID"
@@ -342,9 +379,11 @@ function Filter:process(tag, timestamp, record)
   end
   if type(timestamp) ~= "number" then timestamp = self.clock.now() end
   local time_bytes = float64(timestamp)
-  local event, reason, dropped = self:map(tag, timestamp, record)
+  local event, reason, dropped, rule = self:map(tag, timestamp, record)
   if dropped then
     self.stats.dropped = self.stats.dropped + 1
+    local name = safe_text(rule or "?")
+    self.dropped_by_rule[name] = (self.dropped_by_rule[name] or 0) + 1
     self.log(reason)   -- rule text only, never record content; repeats are counted
     return -1, timestamp, record
   end

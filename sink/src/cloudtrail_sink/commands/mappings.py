@@ -6,7 +6,8 @@ default ``$CLOUDTRAIL_MAPPINGS`` or ``./mappings``), loads the result into the r
 runs every file's ``examples:`` (``--no-examples`` skips them) and writes the data-only Lua file
 atomically (temporary file + rename, so the filter's live reload never reads half a file).
 Problems are printed one per line as ``FILE:LINE: FIELD: MESSAGE`` (FILE relative to
-``--display-root`` when given); exit 1 and nothing written when there is any.
+``--display-root`` when given, repeatable for layered folders); exit 1 and nothing written when
+there is any.
 ``--event-version`` / ``--account-id`` add ``version`` / ``recipientAccountId`` to every rule
 that does not set them (the sink fills both when absent, so they are optional).
 
@@ -96,9 +97,10 @@ def register(subparsers: SubParsers) -> None:
 def _build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-examples", dest="examples", action="store_false",
                    help="do not run the files' examples: before writing")
-    p.add_argument("--display-root", metavar="DIR",
+    p.add_argument("--display-root", metavar="DIR", action="append",
                    help="name files in messages relative to DIR (e.g. mappings/40-sshd.yaml "
-                        "for /src/mappings/40-sshd.yaml with --display-root /src)")
+                        "for /src/mappings/40-sshd.yaml with --display-root /src); repeatable, "
+                        "one per folder of layered sources")
 
 
 def _builder(args: argparse.Namespace, defaults: dict | None = None):

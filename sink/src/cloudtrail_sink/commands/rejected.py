@@ -15,7 +15,9 @@ records that now map are written into ``ready/`` as new segments (writer kind ``
 ``tag`` and ``time``), fsynced and published; only then is each ``.rej`` file removed, or, when
 some of its records still do not map, replaced (tmp + rename) by a file holding just those, with
 their new reason. A crash in between can only replay a record twice, never lose one. A file that
-cannot be decoded completely is reported and left untouched.
+cannot be decoded completely is reported and left untouched. A record a ``drop:`` rule takes
+leaves ``rejected/`` as it would have left Fluent Bit: it is counted per rule in the summary
+(``dropped N by rule NAME``), never kept as "still rejected" forever.
 
 Exit status: 0 on success, 1 when a file could not be read or a mappings file not loaded.
 """
@@ -132,6 +134,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 1
     status = 0
     plans: list[tuple[str, list[tuple[dict, dict]], list[dict]]] = []
+    dropped: collections.Counter[str] = collections.Counter()
+    dropped_from: set[str] = set()
     for name, entries, problem in _iter(lay, rejected_files(lay)):
         if entries is None:
             print(f"error: {problem} (left as is)", file=sys.stderr)
@@ -149,14 +153,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
             event = result.event
             if event is not None and isinstance(event.get("UID"), str) and event["UID"]:
                 mapped.append((entry, event))
+            elif result.dropped:
+                dropped[str(result.rule)] += 1
+                dropped_from.add(name)
             else:
                 still.append({**entry, "reason": result.reason or "mapping produced no UID"})
         plans.append((name, mapped, still))
 
     n_mapped = sum(len(m) for _, m, _ in plans)
     n_still = sum(len(s) for _, _, s in plans)
+    drops = "".join(f"; dropped {n} by rule {rule}" for rule, n in sorted(dropped.items()))
     if args.dry_run:
-        print(f"would replay {n_mapped} record(s); {n_still} would stay rejected")
+        print(f"would replay {n_mapped} record(s); {n_still} would stay rejected{drops}")
         return status
     if n_mapped:
         with spool.SpoolWriter(lay.root, kind="replay") as writer:
@@ -165,7 +173,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     writer.write(event, tag=str(entry.get("tag", "")),
                                  time=float(entry.get("time") or 0.0))
     for name, mapped, still in plans:
-        if not mapped:
+        if not mapped and name not in dropped_from:
             if still:
                 rewrite(lay, name, still)  # refresh the reasons
             continue
@@ -173,5 +181,5 @@ def cmd_replay(args: argparse.Namespace) -> int:
             rewrite(lay, name, still)
         else:
             os.remove(os.path.join(lay.rejected, name))
-    print(f"replayed {n_mapped} record(s) into ready/; {n_still} still rejected")
+    print(f"replayed {n_mapped} record(s) into ready/; {n_still} still rejected{drops}")
     return status

@@ -11,9 +11,10 @@ Contract:
   checks the Lua patterns with LuaJIT, loads the result into the real Lua mapper, and (unless
   ``examples=False``) runs every file's ``examples:`` against all the rules. Any problem raises
   ``CompileError`` holding them all as ``FILE:LINE: FIELD: MESSAGE``; a failing example is
-  ``FILE:LINE: examples: NAME: MESSAGE``. With ``display_root``, FILE is the path relative to
-  that folder (``mappings/40-sshd.yaml`` rather than ``/src/mappings/40-sshd.yaml`` inside a
-  container), i.e. the name the user knows.
+  ``FILE:LINE: examples: NAME: MESSAGE``. With ``display_root`` (a folder, or a list of them),
+  FILE is the path relative to the innermost of those folders that holds it
+  (``mappings/40-sshd.yaml`` rather than ``/src/mappings/40-sshd.yaml`` inside a container),
+  i.e. the name the user knows; files outside every root keep their path.
 * ``write_atomic(path, text)``: a temporary file in the same folder, then ``rename(2)``: a reader
   (the Lua filter) sees the old file or the new one, never a part. On any error the temporary
   file is removed and the old file is untouched.
@@ -54,15 +55,19 @@ def source_files(paths: list[str | pathlib.Path]) -> list[pathlib.Path]:
     return [by_name[name] for name in sorted(by_name)]
 
 
-def _renamer(files: list[pathlib.Path], display_root: str | None):
+def _renamer(files: list[pathlib.Path], display_root: str | list[str] | None):
     if not display_root:
         return lambda line: line
-    root = os.path.abspath(display_root)
+    roots = [display_root] if isinstance(display_root, str) else list(display_root)
+    # Innermost first: /a/b/mappings/x.yaml under both /a and /a/b is named from /a/b.
+    roots = sorted({os.path.abspath(r) for r in roots}, key=len, reverse=True)
     names = {}
     for f in files:
         full = os.path.abspath(f)
-        if os.path.commonpath([root, full]) == root:
-            names[str(f)] = os.path.relpath(full, root)
+        for root in roots:
+            if os.path.commonpath([root, full]) == root:
+                names[str(f)] = os.path.relpath(full, root)
+                break
 
     order = sorted(names, key=len, reverse=True)  # a message may name another file too
 
@@ -74,7 +79,7 @@ def _renamer(files: list[pathlib.Path], display_root: str | None):
 
 
 def build(paths: list[str | pathlib.Path], defaults: dict | None = None, examples: bool = True,
-          display_root: str | None = None) -> Built:
+          display_root: str | list[str] | None = None) -> Built:
     files = source_files(paths)
     rename = _renamer(files, display_root)
     try:

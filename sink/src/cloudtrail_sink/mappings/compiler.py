@@ -164,8 +164,14 @@ def compile_files(paths: list[str | pathlib.Path], defaults: dict | None = None)
         except YamlError as exc:
             problems.append(f"{name}:{exc.line or 1}: {exc.message}")
             continue
+        except RecursionError:  # PyYAML composes recursively: a file, not a crash, is wrong
+            problems.append(f"{name}:1: nested too deeply to be a mapping file")
+            continue
         f = _File(name, construct)
-        _compile_file(f, root, result, rule_names)
+        try:
+            _compile_file(f, root, result, rule_names)
+        except RecursionError:
+            f.problems.append(f"{name}:1: nested too deeply to be a mapping file")
         problems.extend(f.problems)
         result.patterns.extend(f.patterns)
     for key, value in result.defaults.items():

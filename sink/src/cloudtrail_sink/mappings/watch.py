@@ -11,6 +11,9 @@ Contract:
   leaves ``output`` exactly as it was, the last good rules (``"failed"``). A given content is
   built once: a broken edit is reported once, not at every event. If ``output`` cannot be
   written, that is printed and the next step (event or poll) tries again (``"failed"``).
+  Any other exception (a bug, a file that breaks a library) is printed once and also leaves
+  ``output`` as it was (``"failed"``): the watch itself never stops because of a source; the
+  same content is not built again, a changed one is.
 * ``poke()`` (from any thread): a source may have changed; the build runs once no further event
   came for ``debounce`` seconds (an editor's save is several events).
 * ``due(now) -> bool``: whether a step should run at ``now``: the debounce has passed, or
@@ -45,6 +48,7 @@ class MappingsWatch:
         self.poll_seconds = poll_seconds
         self.out = out or sys.stderr
         self._attempted: str | None = None
+        self._last_error: str | None = None
         self._due: float | None = None
         self._next_poll = clock() + poll_seconds
         self._lock = threading.Lock()
@@ -55,18 +59,28 @@ class MappingsWatch:
 
     def step(self) -> str:
         self._next_poll = self.clock() + self.poll_seconds
+        try:
+            return self._step()
+        except Exception as exc:  # noqa: BLE001 - a bug or an odd file must not end the watch
+            message = (f"{self.output}: unexpected error while building "
+                       f"({type(exc).__name__}: {exc}); {self._kept()}")
+            if message != self._last_error:  # once per distinct error, not at every poll
+                self._say(message)
+            self._last_error = message
+            return "failed"
+
+    def _step(self) -> str:
         fp = fingerprint(self.paths)
         if fp == self._attempted:
             return "unchanged"
         self._attempted = fp
+        self._last_error = None
         try:
             built = self.build(self.paths)
         except CompileError as exc:
             for problem in exc.problems:
                 self._say(problem)
-            kept = ("kept the last good file" if pathlib.Path(self.output).exists()
-                    else "nothing published yet")
-            self._say(f"{self.output}: {len(exc.problems)} problem(s); {kept}")
+            self._say(f"{self.output}: {len(exc.problems)} problem(s); {self._kept()}")
             return "failed"
         try:
             write_atomic(self.output, built.text)
@@ -77,6 +91,10 @@ class MappingsWatch:
         self._say(f"{self.output}: published {built.rules} rules from {built.files} file(s), "
                   f"{built.examples} examples passed")
         return "published"
+
+    def _kept(self) -> str:
+        return ("kept the last good file" if pathlib.Path(self.output).exists()
+                else "nothing published yet")
 
     def poke(self) -> None:
         with self._lock:
