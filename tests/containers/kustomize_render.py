@@ -6,26 +6,31 @@ load restrictor refuses a file outside the kustomization's folder, and so does t
 
 Without kubectl, :func:`render_minimal` renders the subset of kustomize these manifests use, so
 the schema checks still run: ``resources`` (files and folders holding a kustomization),
-``namespace``, ``labels`` (``pairs``, without selectors), ``configMapGenerator`` (``files``,
-``envs``, ``behavior: replace`` or ``merge``, ``options.disableNameSuffixHash``), ``images`` (``newName``, ``newTag``) and ``patches`` (inline
-JSON6902 ``add`` / ``replace`` operations with a ``kind`` + ``name`` target, or a strategic
-merge patch, inline or in a ``path`` file, whose lists of containers, volumes, env and mounts
-merge by name or mountPath and honour ``$patch: delete``). Generated
-ConfigMaps keep their plain names (no hash suffix); anything else it meets is an error, so a
-kustomization that outgrows it fails loudly rather than renders wrong.
+``components`` (folders of ``kind: Component``, applied to what the resources gave before the
+kustomization's own generators and patches), ``namespace``, ``labels`` (``pairs``, without
+selectors), ``configMapGenerator`` (``files``, ``envs``, ``behavior: replace`` or ``merge``,
+``options.disableNameSuffixHash``), ``images`` (``newName``, ``newTag``) and ``patches``
+(inline JSON6902 ``add`` / ``replace`` operations, or a strategic merge patch, inline or in a
+``path`` file, whose lists of containers, volumes, env and mounts merge by name or mountPath and
+honour ``$patch: delete``; new items go first, as kustomize puts them), applied to the resources
+a ``target`` selects (``group``, ``kind`` and ``name``: regular expressions, as in kustomize;
+``name`` may be left out). Generated ConfigMaps keep their plain names (no hash suffix);
+anything else it meets is an error, so a kustomization that outgrows it fails loudly rather than
+renders wrong.
 """
 
 from __future__ import annotations
 
 import copy
 import pathlib
+import re
 import shutil
 import subprocess
 
 import yaml
 
-SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "labels", "configMapGenerator",
-             "images", "patches"}
+SUPPORTED = {"apiVersion", "kind", "resources", "components", "namespace", "labels",
+             "configMapGenerator", "images", "patches"}
 
 
 def render(folder: pathlib.Path) -> list[dict]:
@@ -68,8 +73,8 @@ def _generate(folder: pathlib.Path, spec: dict) -> dict:
         raise ValueError(f"{folder}: configMapGenerator options not supported: {spec['options']}")
     if unknown:
         raise ValueError(f"{folder}: configMapGenerator fields not supported: {sorted(unknown)}")
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": spec["name"]},
-            "data": data}
+    generated = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": spec["name"]}}
+    return {**generated, "data": data} if data else generated
 
 
 def _pointer_set(doc: dict, path: str, value, op: str) -> None:
@@ -93,6 +98,7 @@ def _strategic_merge(node: dict, patch: dict) -> None:
             _strategic_merge(node[key], value)
         elif isinstance(value, list) and key in MERGE_KEYS:
             merge_key, items = MERGE_KEYS[key], node.setdefault(key, [])
+            added = 0
             for item in value:
                 found = next((x for x in items if x.get(merge_key) == item.get(merge_key)), None)
                 if item.get("$patch") == "delete":
@@ -101,7 +107,8 @@ def _strategic_merge(node: dict, patch: dict) -> None:
                 elif found is not None:
                     _strategic_merge(found, item)
                 else:
-                    items.insert(0, item)
+                    items.insert(added, item)
+                    added += 1
         elif isinstance(value, dict) and "$patch" in value:
             raise ValueError(f"strategic merge directive not supported at {key}: {value}")
         else:
@@ -114,26 +121,39 @@ def _containers(doc: dict):
         yield from spec.get(key, [])
 
 
-def render_minimal(folder: pathlib.Path) -> list[dict]:
+def _selects(target: dict, doc: dict) -> bool:
+    group = doc["apiVersion"].rpartition("/")[0]
+    return (re.fullmatch(target["kind"], doc["kind"]) is not None
+            and re.fullmatch(target.get("name", ".*"), doc["metadata"]["name"]) is not None
+            and re.fullmatch(target.get("group", ".*"), group) is not None)
+
+
+def render_minimal(folder: pathlib.Path, accumulated: list[dict] | None = None) -> list[dict]:
+    """The resources of the kustomization in ``folder``; a component's edit ``accumulated``."""
     kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
     unknown = set(kust) - SUPPORTED
     if unknown:
         raise ValueError(f"{folder}/kustomization.yaml: fields not supported: {sorted(unknown)}")
-    docs: list[dict] = []
+    if (kust.get("kind") == "Component") != (accumulated is not None):
+        raise ValueError(f"{folder}: a Component goes under `components:`, nothing else there")
+    docs: list[dict] = accumulated if accumulated is not None else []
     for item in kust.get("resources", []):
         path = (folder / item)
         if path.is_dir():
             docs.extend(render_minimal(path))
         else:
             docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    for item in kust.get("components", []):
+        docs = render_minimal(folder / item, docs)
     for spec in kust.get("configMapGenerator", []):
         generated = _generate(folder, spec)
         if spec.get("behavior") in ("replace", "merge"):
             for d in docs:
                 if d["kind"] == "ConfigMap" and d["metadata"]["name"] == spec["name"]:
-                    if spec["behavior"] == "merge":  # the base's object, with more data
-                        generated["data"] = {**d.get("data", {}), **generated["data"]}
-                        generated["metadata"] = d["metadata"]
+                    # The base's object (name, namespace, labels), with more or other data.
+                    generated["metadata"] = d["metadata"]
+                    if spec["behavior"] == "merge":
+                        generated["data"] = {**d.get("data", {}), **generated.get("data", {})}
             docs = [d for d in docs if not (d["kind"] == "ConfigMap"
                                             and d["metadata"]["name"] == spec["name"])]
         docs.append(generated)
@@ -142,8 +162,12 @@ def render_minimal(folder: pathlib.Path) -> list[dict]:
         body = yaml.safe_load((folder / patch["path"]).read_text() if "path" in patch
                               else patch["patch"])
         for doc in docs:
-            if doc["kind"] == target["kind"] and doc["metadata"]["name"] == target["name"]:
+            if _selects(target, doc):
                 if isinstance(body, dict):
+                    # The target picks the resources: the patch's own kind and name are ignored.
+                    body = {k: v for k, v in body.items() if k not in ("apiVersion", "kind")}
+                    body["metadata"] = {k: v for k, v in body.get("metadata", {}).items()
+                                        if k not in ("name", "namespace")}
                     _strategic_merge(doc, copy.deepcopy(body))
                     continue
                 for op in body:

@@ -16,6 +16,12 @@ No engine needed. What a user relies on:
   privilege, a grace period longer than the components', a `mappings` sidecar watching the
   shipped rules and the ConfigMap mounted in place, with a name that never changes);
 - the example overlay's own rules compile with the shipped ones and their examples pass;
+- the aggregator overlay: forwarders without Lua filter or sidecar; aggregators that run the
+  base's very `mappings` sidecar (one kustomize component) on the same ConfigMap; everything in
+  the install's namespace with the release's image tags;
+- docs/deploy.md's two worked examples (your rules on the DaemonSet, on the aggregators) render,
+  with the fallback renderer as with kubectl, and the rules they ship pass `mappings check`
+  layered over the shipped ones;
 - the IAM policy example allows PutAuditEvents on one channel and nothing else.
 """
 
@@ -191,15 +197,23 @@ def rendered_daemonset(request):
     return kustomize_render.render(REPO / request.param)
 
 
+def assert_the_renderers_agree(folder: pathlib.Path) -> None:
+    """The fallback renders exactly what kubectl does, but for generated names' hash suffix."""
+    fallback = kustomize_render.render_minimal(folder)
+    text = json.dumps(kustomize_render.render(folder))
+    for name in {d["metadata"]["name"] for d in fallback if d["kind"] == "ConfigMap"}:
+        # kubectl appends a content hash to a generated name unless told not to
+        text = re.sub(rf'"{re.escape(name)}-[a-z0-9]{{10}}"', json.dumps(name), text)
+
+    def key(doc):
+        return doc["kind"], doc["metadata"]["name"]
+
+    assert sorted(json.loads(text), key=key) == sorted(fallback, key=key)
+
+
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS)
 def test_the_fallback_renderer_agrees_and_refuses_files_outside_the_folder(folder, tmp_path):
-    def names(docs):
-        # kubectl appends a content hash to generated names unless told not to
-        return sorted((d["kind"], re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"]))
-                      for d in docs)
-
-    assert names(kustomize_render.render_minimal(REPO / folder)) == \
-        names(kustomize_render.render(REPO / folder))
+    assert_the_renderers_agree(REPO / folder)
     (tmp_path / "k").mkdir()
     (tmp_path / "outside.yaml").write_text("rules: []\n")
     (tmp_path / "k" / "kustomization.yaml").write_text(
@@ -225,48 +239,36 @@ def one(docs, kind, name_prefix=""):
     return found[0]
 
 
-def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered_daemonset):
-    rendered = rendered_daemonset
-    ds = one(rendered, "DaemonSet")
-    pod = ds["spec"]["template"]["spec"]
-    containers = {c["name"]: c for c in pod["containers"]}
+def mount_source(pod: dict, container: dict, path: str) -> dict | None:
+    """The pod volume that holds ``path`` in ``container``, or None."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return volumes[m["name"]]
+    return None
+
+
+def assert_fed_by_the_mappings_sidecar(docs: list[dict], workload: dict) -> dict:
+    """The workload's Fluent Bit maps with what its `mappings` sidecar compiles; returns the sidecar.
+
+    A native sidecar (an init container that keeps running) watches the shipped rules of its
+    image layered with the cloudtrail-mappings ConfigMap, mounted so that kubelet updates it in
+    place; Fluent Bit, a regular container, starts only once its startup probe saw the file.
+    """
+    pod = workload["spec"]["template"]["spec"]
     inits = {c["name"]: c for c in pod.get("initContainers", [])}
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    fb, sink = containers["fluent-bit"], containers["sink"]
-
-    def mount_source(container, path):
-        for m in container["volumeMounts"]:
-            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
-                return volumes[m["name"]]
-        return None
-
-    # Spool shared by both, on the node.
-    spool = "/var/spool/cloudtrail"
-    assert mount_source(fb, spool) is mount_source(sink, spool)
-    assert "hostPath" in mount_source(fb, spool)
-    # Tail positions of the Kubernetes config, on the node; its inputs read mounted host logs.
-    fb_args = fb["args"]
-    fb_config_name = fb_args[fb_args.index("-c") + 1].rsplit("/", 1)[1]
-    fb_config = yaml.safe_load((REPO / "fluent-bit" / fb_config_name).read_text())
-    inputs = fb_config["pipeline"]["inputs"]
-    for i in inputs:
-        if i["name"] == "tail":
-            assert "hostPath" in mount_source(fb, i["db"]), i["db"]
-            assert "hostPath" in mount_source(fb, i["path"]), i["path"]
-    paths = " ".join(i.get("path", "") for i in inputs)
-    assert "/var/log/containers" in paths and "audit" in paths
-
-    # The compiled mappings come from the `mappings` sidecar (a native sidecar: an init container
-    # that keeps running), which watches the shipped rules of its image and the ConfigMap.
+    (fb,) = [c for c in pod["containers"] if c["name"] == "fluent-bit"]
     env = {e["name"]: e.get("value") for e in fb["env"]}
+    compiled = env["CLOUDTRAIL_MAPPINGS"]
     watch = inits["mappings"]
     assert watch["restartPolicy"] == "Always"
     args = watch["args"]
     assert args[:2] == ["mappings", "watch"]
-    assert args[args.index("-o") + 1] == env["CLOUDTRAIL_MAPPINGS"]
-    assert mount_source(fb, env["CLOUDTRAIL_MAPPINGS"]) is mount_source(watch, env["CLOUDTRAIL_MAPPINGS"])
-    assert env["CLOUDTRAIL_MAPPINGS"] in watch["startupProbe"]["exec"]["command"]
-    assert SHIPPED_IN_SINK_IMAGE in args
+    assert args[args.index("-o") + 1] == compiled
+    shared = mount_source(pod, fb, compiled)
+    assert shared is not None and shared is mount_source(pod, watch, compiled)
+    assert "emptyDir" in shared  # compiled anew by each pod's sidecar
+    assert compiled in watch["startupProbe"]["exec"]["command"]
     roots = {args[i + 1] for i, a in enumerate(args) if a == "--display-root"}
     sources = [a for a in args[2:args.index("-o")] if not a.startswith("-") and a not in roots]
     # Messages name shipped and ConfigMap files alike as mappings/NAME.yaml.
@@ -274,10 +276,40 @@ def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered_daemo
     assert sources[0] == SHIPPED_IN_SINK_IMAGE  # yours are layered over the shipped ones
     cm_mount = [m for m in watch["volumeMounts"] if m["mountPath"] == sources[-1]]
     assert len(cm_mount) == 1 and "subPath" not in cm_mount[0]  # kubelet updates it in place
-    cm_volume = volumes[cm_mount[0]["name"]]
+    cm_volume = mount_source(pod, watch, sources[-1])
     # Same name whatever the content: an update reaches running pods, no rollout.
-    cm = one(rendered, "ConfigMap", cm_volume["configMap"]["name"])
+    cm = one(docs, "ConfigMap", cm_volume["configMap"]["name"])
     assert cm["metadata"]["name"] == cm_volume["configMap"]["name"] == "cloudtrail-mappings"
+    assert watch["securityContext"]["runAsNonRoot"] is True
+    return watch
+
+
+def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered_daemonset):
+    rendered = rendered_daemonset
+    ds = one(rendered, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    inits = {c["name"]: c for c in pod.get("initContainers", [])}
+    fb, sink = containers["fluent-bit"], containers["sink"]
+
+    # Spool shared by both, on the node.
+    spool = "/var/spool/cloudtrail"
+    assert mount_source(pod, fb, spool) is mount_source(pod, sink, spool)
+    assert "hostPath" in mount_source(pod, fb, spool)
+    # Tail positions of the Kubernetes config, on the node; its inputs read mounted host logs.
+    fb_args = fb["args"]
+    fb_config_name = fb_args[fb_args.index("-c") + 1].rsplit("/", 1)[1]
+    fb_config = yaml.safe_load((REPO / "fluent-bit" / fb_config_name).read_text())
+    inputs = fb_config["pipeline"]["inputs"]
+    for i in inputs:
+        if i["name"] == "tail":
+            assert "hostPath" in mount_source(pod, fb, i["db"]), i["db"]
+            assert "hostPath" in mount_source(pod, fb, i["path"]), i["path"]
+    paths = " ".join(i.get("path", "") for i in inputs)
+    assert "/var/log/containers" in paths and "audit" in paths
+
+    # Fluent Bit's rules: the `mappings` sidecar's, from the shipped rules and the ConfigMap.
+    assert_fed_by_the_mappings_sidecar(rendered, ds)
 
     # Least privilege everywhere; the sink never root.
     for c in list(containers.values()) + list(inits.values()):
@@ -290,7 +322,6 @@ def test_daemonset_keeps_state_on_the_node_and_is_least_privilege(rendered_daemo
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], c["name"]
     assert sink["securityContext"]["runAsNonRoot"] is True
     assert sink["securityContext"]["runAsUser"] != 0
-    assert inits["mappings"]["securityContext"]["runAsNonRoot"] is True
 
     # Probes on the endpoints that report delivery health.
     assert sink["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -358,11 +389,13 @@ def selects(selector: dict, labels: dict) -> bool:
 def test_nodes_only_forward_acknowledged_and_buffered_on_their_disk(aggregator):
     ds = one(aggregator, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
-    # Fluent Bit alone on the node: no sink, no spool, no mapping containers.
+    # Fluent Bit alone on the node: no sink, no spool, no mapping sidecar nor its volumes.
     assert [c["name"] for c in pod["containers"]] == ["fluent-bit"]
     assert not pod.get("initContainers")
     (fb,) = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}
+    assert not [v for v in volumes.values() if "configMap" in v or "emptyDir" in v]
+    assert "CLOUDTRAIL_MAPPINGS" not in {e["name"] for e in fb["env"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in fb["volumeMounts"]}
     config = fluent_bit_config(fb)
     assert not [f for f in config["pipeline"].get("filters", []) if f["name"] == "lua"]
@@ -429,6 +462,95 @@ def test_aggregators_spool_on_their_own_claims_behind_a_service_and_a_budget(agg
     assert pod["serviceAccountName"] == one(aggregator, "ServiceAccount")["metadata"]["name"]
     sink_env = {e["name"]: e.get("value") for e in sink["env"]}
     assert pod["terminationGracePeriodSeconds"] > float(sink_env["CLOUDTRAIL_SINK_GRACE_SECONDS"]) + 5
+
+
+def test_aggregators_map_with_the_same_mappings_sidecar_as_the_daemonset(aggregator):
+    sts = one(aggregator, "StatefulSet")
+    watch = assert_fed_by_the_mappings_sidecar(aggregator, sts)
+    base = kustomize_render.render(K8S)
+    base_ds = one(base, "DaemonSet")
+    base_watch = assert_fed_by_the_mappings_sidecar(base, base_ds)
+    # The same sidecar, compiled file and volumes as the base (one definition, both workloads).
+    assert watch == base_watch
+    pod, base_pod = sts["spec"]["template"]["spec"], base_ds["spec"]["template"]["spec"]
+
+    def mapping_parts(p):
+        (fb,) = [c for c in p["containers"] if c["name"] == "fluent-bit"]
+        (sidecar,) = [c for c in p["initContainers"] if c["name"] == "mappings"]
+        names = {m["name"] for m in sidecar["volumeMounts"]}
+        return ([e for e in fb["env"] if e["name"] == "CLOUDTRAIL_MAPPINGS"],
+                [m for m in fb["volumeMounts"] if m["name"] in names],
+                [v for v in p["volumes"] if v["name"] in names])
+
+    assert mapping_parts(pod) == mapping_parts(base_pod)
+    # Startup order as in the base: the sidecar starts before every regular container, and
+    # Fluent Bit is one of those, so it first runs with compiled rules. The aggregators need
+    # no other init container (the claim's group comes from fsGroup).
+    assert [c["name"] for c in pod["initContainers"]] == ["mappings"]
+
+
+# Every install: the images of the release, and everything in the one namespace -------------
+
+def test_every_container_runs_the_release_images_in_the_installs_namespace(rendered):
+    base_tags = {i["name"]: i["newTag"] for i in
+                 yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["images"]}
+    (namespace,) = [d["metadata"]["name"] for d in rendered if d["kind"] == "Namespace"]
+    for doc in rendered:
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"].get("namespace") == namespace, (doc["kind"], doc["metadata"])
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("initContainers", []) + spec.get("containers", []):
+            # A registry prefix is an overlay's choice; the tag is the release's.
+            image = re.fullmatch(r"(?:.+/)?(cloudtrail-lake-shipper/[a-z-]+):([\w.-]+)", c["image"])
+            assert image and image[2] == base_tags[image[1]], c["image"]
+
+
+# The worked examples of docs/deploy.md: your rules on the DaemonSet, on the aggregators ------
+
+def documented_overlay(name: str) -> str:
+    """The kustomization.yaml docs/deploy.md shows for the user's folder ``name``."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    (block,) = re.findall(rf"```yaml\n(# {name}/kustomization\.yaml\n.*?)```", text, re.S)
+    return block
+
+
+@pytest.mark.parametrize("name, workload", [("my-overlay", "DaemonSet"),
+                                            ("my-aggregator", "StatefulSet")])
+def test_the_documented_custom_rules_overlays_render_and_their_rules_pass(
+        name, workload, tmp_path, capsys):
+    import kubernetes_validate
+    from cloudtrail_sink.cli import main
+
+    # As the docs say: the repository's deploy/ next to a copy of overlays/custom-mappings
+    # whose kustomization.yaml is the documented one.
+    shutil.copytree(K8S, tmp_path / "deploy" / "kubernetes")
+    mine = tmp_path / name
+    shutil.copytree(K8S / "overlays" / "custom-mappings", mine)
+    (mine / "kustomization.yaml").write_text(documented_overlay(name))
+    docs = kustomize_render.render(mine)
+    assert_the_renderers_agree(mine)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+    # Your files reach the workload that runs the Lua filter, through its sidecar.
+    cm = one(docs, "ConfigMap", "cloudtrail-mappings")
+    assert sorted(cm["data"]) == sorted(p.name for p in (mine / "mappings").glob("*.yaml"))
+    assert_fed_by_the_mappings_sidecar(docs, one(docs, workload))
+    if workload == "StatefulSet":  # and the forwarders stay without a sidecar
+        assert not one(docs, "DaemonSet")["spec"]["template"]["spec"].get("initContainers")
+
+    # What the pods get passes `mappings check` layered over the shipped rules.
+    rules = tmp_path / "configmap"
+    rules.mkdir()
+    for file_name, content in cm["data"].items():
+        (rules / file_name).write_text(content)
+    capsys.readouterr()
+    assert main(["mappings", "check", str(REPO / "mappings"), str(rules)]) == 0
+    out = capsys.readouterr().out
+    for file_name, content in cm["data"].items():
+        examples = yaml.safe_load(content)["examples"]
+        assert len(re.findall(rf"^ok +\S*{re.escape(file_name)}:\d+: ", out, re.M)) == len(examples)
+    assert "FAIL" not in out
 
 
 def test_iam_policy_example_allows_only_put_audit_events_on_one_channel():
