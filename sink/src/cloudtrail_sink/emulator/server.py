@@ -104,6 +104,8 @@ class Emulator:
             raise ValueError("max_connections must be 1 or more")
         if not connection_timeout > 0:
             raise ValueError("connection_timeout must be more than 0 seconds")
+        if not (query_timeout > 0 and query_timeout != float("inf")):
+            raise ValueError("query_timeout must be a number of seconds above 0")
         # PUT /_emulator/faults needs "Authorization: Bearer <token>" when set.
         self.admin_token = admin_token or None
         # Host names the page and /_emulator/* answer to; "*" allows any (see the docstring).
@@ -150,6 +152,7 @@ class Emulator:
         log.info("console and /_emulator/* answer Host: %s; fault changes %s",
                  "any" if "*" in self.allowed_hosts else ", ".join(sorted(self.allowed_hosts)),
                  "need the admin token" if self.admin_token else "are open (no --admin-token)")
+        log.info("Lake queries end TIMED_OUT after %g s", self.query_timeout)
         return self
 
     def stop(self) -> None:
