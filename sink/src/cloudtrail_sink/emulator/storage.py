@@ -19,10 +19,11 @@ storing cost), so they are indexed behind ``bucket`` (``(bucket, event_id)``, ``
 new keys land in the newest bucket's few pages, and a lookup probes every bucket (``BUCKETS``,
 one index seek per 4,096 stored events).
 
-The database runs in WAL mode with ``synchronous=OFF``: one writer connection (a lock
-serialises writers; each request's rows go in one transaction) and one reader connection, so
-paging readers never block ingestion. ``wait_for_after``/``wait_for_change`` let a reader (the
-live page) block until something newer than its cursors is stored.
+The database runs in WAL mode with ``synchronous=OFF`` and pages of ``PAGE_SIZE`` bytes: one
+writer connection (a lock serialises writers; each request's rows go in one transaction) and one
+reader connection, so paging readers never block ingestion. ``wait_for_after`` and
+``wait_for_change`` let a reader (the live page) block until something newer than its cursors
+is stored.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ CREATE INDEX IF NOT EXISTS refusals_code ON refusals(error_code);
 BUCKETS = (f"WITH RECURSIVE buckets(b) AS (SELECT 0 UNION ALL SELECT b + 1 FROM buckets "
            f"WHERE b < (SELECT COALESCE(MAX(seq), 0) FROM events) >> {BUCKET_BITS}) ")
 MAX_PAGE = 10_000
+PAGE_SIZE = 16384
 MAX_CURSOR = 2**63 - 1  # SQLite's largest integer
 
 
@@ -156,6 +158,10 @@ class EventStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                timeout=30)
+        # Takes effect on a new database only (an existing one keeps its size). An event of
+        # ~1.5 KB takes over a third of a 4 KB page: larger pages cut the page writes and splits
+        # per stored event (-20% storing CPU with bench/emulator_throughput.py's events).
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=OFF")
         return conn
