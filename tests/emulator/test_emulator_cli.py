@@ -109,12 +109,17 @@ def test_access_key_makes_it_verify_signatures(run_cli, tmp_path):
     (["--listen", "8000"], "--listen"),
     (["--listen", "127.0.0.1:http"], "port"),
     (["--access-key", "AKID"], "--secret-key"),
+    (["--query-timeout", "0"], "--query-timeout"),
+    (["--query-timeout", "nan"], "--query-timeout"),
+    ([], "CLOUDTRAIL_EMULATOR_QUERY_TIMEOUT"),
 ], ids=["unknown-fault", "faults-not-json", "rate-out-of-range", "bad-channel",
-        "bad-external-id", "listen-no-host", "listen-bad-port", "key-without-secret"])
+        "bad-external-id", "listen-no-host", "listen-bad-port", "key-without-secret",
+        "query-timeout-zero", "query-timeout-nan", "query-timeout-env-not-a-number"])
 def test_bad_options_exit_2_naming_the_problem(tmp_path, monkeypatch, capsys, args, word):
     from cloudtrail_sink.cli import main
 
     monkeypatch.delenv("CLOUDTRAIL_EMULATOR_SECRET_KEY", raising=False)
+    monkeypatch.setenv("CLOUDTRAIL_EMULATOR_QUERY_TIMEOUT", "soon" if not args else "")
     # In-process: these fail before anything is started, so no process is needed.
     assert main(["emulator", "--db", str(tmp_path / "x.sqlite"), *args]) == 2
     assert word in capsys.readouterr().err
@@ -159,3 +164,26 @@ def test_admin_token_from_the_environment_and_allowed_hosts(run_cli, tmp_path, m
     log = _stop(running)
     assert "answer Host: emulator; fault changes need the admin token" in log
     assert "tok-env" not in log
+
+
+def test_query_timeout_from_the_environment_or_the_option(run_cli, tmp_path, monkeypatch):
+    from lakesupport import lake, store, store_id, wait_ended
+    from test_emulator_lake_queries import HEAVY
+
+    from emusupport import event_data
+
+    monkeypatch.setenv("CLOUDTRAIL_EMULATOR_QUERY_TIMEOUT", "0.3")
+    running = run_cli("--listen", "127.0.0.1:0", "--db", str(tmp_path / "q.sqlite"))
+    emu = type("E", (), {"url": running.url})
+    store(emu, [event_data(uid="t1")])
+    ct = lake(emu)
+    query_id = ct.start_query(QueryStatement=HEAVY.format(eds=store_id(ct)))["QueryId"]
+    described = wait_ended(ct, query_id, timeout=20)
+    assert described["QueryStatus"] == "TIMED_OUT"
+    assert "0.3 s" in described["ErrorMessage"]
+    assert "Lake queries end TIMED_OUT after 0.3 s" in _stop(running)
+
+    # The option wins over the environment.
+    running = run_cli("--listen", "127.0.0.1:0", "--db", str(tmp_path / "q.sqlite"),
+                      "--query-timeout", "120")
+    assert "Lake queries end TIMED_OUT after 120 s" in _stop(running)

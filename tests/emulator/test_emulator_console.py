@@ -1,7 +1,8 @@
 """The console page at ``/`` in headless Chromium (driven over the DevTools pipe, see
 ``browser.py``): refused events show their code and UID, a selected event its full JSON (also
 from a link), the filters list exactly what the JSON API returns, the query box renders what
-``POST /_emulator/query`` answers, and the counters show what is stored next to what came since
+``POST /_emulator/query`` answers (and, typed into the box, real SQL shows exactly what boto3's
+``cloudtrail`` client gets for it), and the counters show what is stored next to what came since
 start. Each test keeps screenshots in its tmp_path (the path is printed)."""
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import shutil
 import urllib.parse
 
 import pytest
+from botocore.exceptions import ClientError
 from browser import Browser
 from emusupport import CHANNEL_ARN, audit_event, batch, client, event_data, get_json
+from lakesupport import lake, run, store, store_id
+from test_emulator_lake_queries import KNOWN, known_event
 
 from cloudtrail_sink.emulator import server as emulator_server
 
@@ -194,6 +198,64 @@ def test_the_query_box_renders_what_the_query_endpoint_answers(make_emulator, br
     error = browser.wait_for("document.getElementById('query-error')?.textContent")
     assert error == "InvalidQueryStatementException: bad is not supported"
     browser.screenshot(tmp_path / "query-failed.png")
+
+
+def _type_query(browser, sql: str):
+    """Type SQL into the query box as a person does (focus, then text input), run it, and
+    return what the page shows: the result table's cells, or the error line."""
+    browser.js("{document.getElementById('query-result').replaceChildren();"
+               "const box = document.getElementById('sql'); box.value = ''; box.focus()}")
+    browser.call("Input.insertText", {"text": sql}, session=True)
+    assert browser.js("document.getElementById('sql').value") == sql
+    browser.js("document.getElementById('run-query').click()")
+    return browser.wait_for(
+        "document.getElementById('query-error')?.textContent || "
+        "(document.getElementById('query-table') && "
+        "[...document.querySelectorAll('#query-table tr')].map(r => "
+        "[...r.children].map(c => c.textContent)))")
+
+
+def test_the_query_box_shows_what_the_cloudtrail_api_returns(make_emulator, browser, tmp_path):
+    emu = make_emulator()
+    events = [known_event(*row) for row in KNOWN]
+    store(emu, events)
+    store(emu, events[:1], prefix="again")  # u1 re-sent, as a retried call would
+    ct = lake(emu)
+    eds = store_id(ct)
+    browser.goto(f"{emu.url}/")
+    per_principal = (
+        "SELECT eventData.userIdentity.principalId AS principal, count(*) AS stored,\n"
+        "       count(DISTINCT eventData.UID) AS events\n"
+        f"FROM {eds} GROUP BY 1 HAVING count(*) > 1 ORDER BY events DESC, principal")
+    dedup = (
+        "SELECT eventData.UID, eventData.eventName, eventTime FROM (\n"
+        "    SELECT *, row_number() OVER (PARTITION BY eventData.UID\n"
+        "                                 ORDER BY metadata.ingestionTime) AS copy\n"
+        f"    FROM {eds})\nWHERE copy = 1 ORDER BY eventTime")
+    for name, sql in (("per-principal", per_principal), ("dedup-on-uid", dedup)):
+        columns, rows = run(ct, sql)  # start, poll, page through GetQueryResults
+        shown = _type_query(browser, sql)
+        assert shown == [columns, *rows], name
+        browser.screenshot(tmp_path / f"query-{name}.png")
+        if name == "per-principal":
+            assert rows == [["alice", "4", "3"], ["bob", "2", "2"]]
+        else:
+            assert [row[0] for row in rows] == [uid for uid, *_ in KNOWN]
+
+    # DuckDB has no WITH TIES: the emulator refuses it rather than drop the ties.
+    unsupported = (f"SELECT eventData.UID FROM {eds} ORDER BY eventData.eventName "
+                   "FETCH FIRST 2 ROWS WITH TIES")
+    try:
+        ct.start_query(QueryStatement=unsupported)
+    except ClientError as exc:
+        error = exc.response["Error"]
+    else:
+        raise AssertionError("StartQuery took FETCH ... WITH TIES")
+    assert error["Code"] == "InvalidQueryStatementException"
+    assert _type_query(browser, unsupported) == (
+        f"InvalidQueryStatementException: {error['Message']}")
+    assert browser.js("document.getElementById('query-status').textContent") == "FAILED"
+    browser.screenshot(tmp_path / "query-unsupported.png")
 
 
 def test_counters_show_what_is_stored_after_a_restart(make_emulator, browser, tmp_path):

@@ -119,6 +119,43 @@ def test_a_database_from_before_the_console_gets_its_filter_columns(make_emulato
                   principal="pat")["items"]
     assert (item["UID"], item["ingestionTime"]) == ("u-1", "2026-01-01T00:00:00.000Z")
     assert [e["eventID"] for e in emu.events()] == ["e-1"]  # the old contract still reads it
+    assert _get(emu, "/_emulator/search", uid="u-1")["items"][0]["eventID"] == "e-1"
+    assert _get(emu, "/_emulator/event", id="e-1")["seq"] == 1
+
+
+def test_a_database_with_plain_id_indexes_gets_bucketed_ones(make_emulator, tmp_path):
+    """Databases written with plain event_id/uid indexes (each costs a page rewrite per stored
+    event) lose them for the bucketed ones, and every lookup still finds every event."""
+    old = tmp_path / "plain.sqlite"
+    con = sqlite3.connect(old)
+    con.executescript(OLD_SCHEMA)
+    for column in ("event_source", "event_name", "principal", "ingested"):
+        con.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
+    con.execute("CREATE INDEX events_event_id ON events(event_id)")
+    con.execute("CREATE INDEX events_uid ON events(uid)")
+    con.executemany("INSERT INTO events (event_id, channel_arn, uid, body) VALUES (?, ?, ?, ?)",
+                    [(f"e-{i}", CHANNEL_ARN, f"u-{i}", '{"eventID":"e-%d"}' % i)
+                     for i in range(1, 5001)])
+    con.commit()
+    con.close()
+    emu = make_emulator(db_path=old)
+    client(emu).put_audit_events(channelArn=CHANNEL_ARN,
+                                 auditEvents=[audit_event("n", data=event_data(uid="u-new"))])
+    for i in (1, 4095, 4096, 5000):
+        assert _get(emu, "/_emulator/event", id=f"e-{i}")["seq"] == i
+        assert [e["seq"] for e in _get(emu, "/_emulator/search", uid=f"u-{i}")["items"]] == [i]
+    [new] = _get(emu, "/_emulator/search", uid="u-new")["items"]
+    assert _get(emu, "/_emulator/event", id=new["eventID"])["seq"] == 5001
+    emu.stop()
+    con = sqlite3.connect(old)
+    try:
+        indexes = {row[0] for row in con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'")}
+        buckets = dict(con.execute("SELECT bucket, COUNT(*) FROM events GROUP BY bucket"))
+    finally:
+        con.close()
+    assert not indexes & {"events_event_id", "events_uid"}
+    assert buckets == {0: 4095, 1: 906}  # seq >> 12
 
 
 @pytest.mark.parametrize("query", ["kind=other", "limit=0", "limit=1001", "before=0",

@@ -5,7 +5,6 @@ a ``/healthz`` call and of the old ``tail=50`` read measured in the same run."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import urllib.parse
 
@@ -13,7 +12,7 @@ import pytest
 from emusupport import ACCOUNT, CHANNEL_ARN, get_json
 
 from cloudtrail_sink.emulator.checker import wrap
-from cloudtrail_sink.emulator.storage import EventRow, EventStore, RefusalRow
+from cloudtrail_sink.emulator.storage import EventRow, EventStore, Filters, RefusalRow
 
 N = 100_000
 SOURCES = [f"svc{i}.example.com" for i in range(20)]
@@ -84,15 +83,24 @@ def test_filtered_pages_over_100k_events_are_exact_and_use_indexes(big_db, make_
     assert [item["UID"] for item in refused["items"]] == [
         f"uid-r{i}" for i in range(999, -1, -1) if i % 7 == 3][:5]
 
-    con = sqlite3.connect(big_db)
+    assert _search(emu, uid="uid-4321")["items"][0]["eventID"] == "id-4321"
+    assert get_json(f"{emu.url}/_emulator/event?id=id-99999")["seq"] == N
+
+    # The statements the store runs (as traced, values bound) are answered from indexes.
+    store = EventStore(big_db)
+    statements = []
+    store._read.set_trace_callback(statements.append)
     try:
-        for column in ("event_source", "event_name", "principal", "uid"):
-            plan = " ".join(row[3] for row in con.execute(
-                f"EXPLAIN QUERY PLAN SELECT seq FROM events WHERE {column} = ? AND seq < ? "
-                "ORDER BY seq DESC LIMIT 51", ("x", 10)))
-            assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, (column, plan)
+        for field in ("source", "name", "principal", "uid"):
+            store.search_events(Filters(**{field: "x"}), 10, 50)
+        store.event("id-5")
+        assert len(statements) == 5
+        for statement in statements:
+            plan = " ".join(row[3] for row in store._read.execute(
+                "EXPLAIN QUERY PLAN " + statement))
+            assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, (statement, plan)
     finally:
-        con.close()
+        store.close()
 
 
 @pytest.mark.benchmark
@@ -112,6 +120,7 @@ def test_benchmark_console_reads_over_100k_events(big_db, make_emulator, request
         "text, rare (needle, full scan)": "/_emulator/search?q=needle",
         "refusals by code": "/_emulator/search?kind=refusals&errorCode=InvalidData",
         "event by id": "/_emulator/event?id=id-500",
+        "UID": "/_emulator/search?uid=uid-500",
         "summary (counts)": "/_emulator/summary",
         "rates, 5 minutes": "/_emulator/rates?seconds=300",
     }

@@ -3,7 +3,7 @@
     cloudtrail-sink emulator --listen 127.0.0.1:8000 --db FILE
         [--channel ARN[,EXTERNAL_ID]]... [--quota N] [--faults JSON] [--seed N]
         [--access-key K --secret-key S] [--workers N] [--admin-token T] [--allow-host NAME]...
-        [--max-connections N] [--connection-timeout S]
+        [--max-connections N] [--connection-timeout S] [--query-timeout S]
 
 Without ``--channel`` every well-formed channel ARN is accepted (said in the startup log).
 Exit status: 0 after a clean stop on a signal, 2 for bad options, 1 when the address or the
@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sqlite3
 import sys
 import threading
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
+DEFAULT_QUERY_TIMEOUT = 30.0
+QUERY_TIMEOUT_ENV = "CLOUDTRAIL_EMULATOR_QUERY_TIMEOUT"
 
 
 def register(subparsers) -> None:
@@ -67,6 +70,9 @@ def register(subparsers) -> None:
     parser.add_argument("--connection-timeout", type=float, default=30.0, metavar="S",
                         help="seconds a connection may wait for the client between reads, "
                              "idle keep-alive included (default 30)")
+    parser.add_argument("--query-timeout", type=float, default=None, metavar="S",
+                        help="seconds a CloudTrail Lake query may run before it ends TIMED_OUT "
+                             f"(default {DEFAULT_QUERY_TIMEOUT:g}; or env {QUERY_TIMEOUT_ENV})")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
@@ -96,6 +102,24 @@ def parse_channels(values: list[str]) -> dict[str, str | None] | None:
     return channels
 
 
+def query_timeout(given: float | None, environ) -> float:
+    """--query-timeout, else the environment's CLOUDTRAIL_EMULATOR_QUERY_TIMEOUT, else 30 s;
+    a finite number of seconds above 0."""
+    source, value = "--query-timeout", given
+    if given is None:
+        text = environ.get(QUERY_TIMEOUT_ENV, "").strip()
+        if not text:
+            return DEFAULT_QUERY_TIMEOUT
+        source = QUERY_TIMEOUT_ENV
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{source} must be a number of seconds, not {text[:50]!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{source} must be a number of seconds above 0, not {value!r}")
+    return value
+
+
 def _parse_faults(text: str, faults_type):
     try:
         return faults_type.from_dict(json.loads(text))
@@ -123,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                             allowed_hosts=args.allow_host,
                             max_connections=args.max_connections,
                             connection_timeout=args.connection_timeout,
+                            query_timeout=query_timeout(args.query_timeout, os.environ),
                             credentials=(args.access_key, secret) if args.access_key else None)
     except (ValueError, TypeError) as exc:
         print(f"cloudtrail-sink emulator: {exc}", file=sys.stderr)

@@ -15,11 +15,14 @@ Routes (``ROUTES``; each has a body cap, larger bodies are refused with 413):
   <admin token>`` when one is set); ``GET /healthz``; ``GET /`` the console page;
 - ``POST /`` with ``X-Amz-Target: ...CloudTrail_20131101.<Operation>`` (the ``cloudtrail``
   control plane's Lake queries) and ``POST /_emulator/query`` (the page's query box) ->
-  ``lake``.
+  ``lake``; both take bodies up to ``LAKE_MAX_BODY``. Errors answered to a target call before
+  ``lake`` sees it (body too large, chunked, bad length) carry the JSON 1.1 body
+  ``{"__type": <code>, "message": ...}``: botocore's ``cloudtrail`` client reads the code there.
 
 The page and ``/_emulator/*`` answer only requests whose ``Host`` names an allowed host (loopback
 names and the listen address by default), so a web page elsewhere cannot reach them through DNS
-rebinding; ``PutAuditEvents`` (signed) and ``/healthz`` (probes) answer any host.
+rebinding; ``PutAuditEvents`` and target calls (signed) and ``/healthz`` (probes) answer any
+host.
 
 Connections: the listen backlog is ``BACKLOG``; at most ``max_connections`` are served at once,
 one thread each (HTTP/1.1 keep-alive), and one more is answered 503 and closed at once; every
@@ -101,6 +104,8 @@ class Emulator:
             raise ValueError("max_connections must be 1 or more")
         if not connection_timeout > 0:
             raise ValueError("connection_timeout must be more than 0 seconds")
+        if not (query_timeout > 0 and query_timeout != float("inf")):
+            raise ValueError("query_timeout must be a number of seconds above 0")
         # PUT /_emulator/faults needs "Authorization: Bearer <token>" when set.
         self.admin_token = admin_token or None
         # Host names the page and /_emulator/* answer to; "*" allows any (see the docstring).
@@ -147,6 +152,7 @@ class Emulator:
         log.info("console and /_emulator/* answer Host: %s; fault changes %s",
                  "any" if "*" in self.allowed_hosts else ", ".join(sorted(self.allowed_hosts)),
                  "need the admin token" if self.admin_token else "are open (no --admin-token)")
+        log.info("Lake queries end TIMED_OUT after %g s", self.query_timeout)
         return self
 
     def stop(self) -> None:
@@ -261,7 +267,8 @@ class _Server(ThreadingHTTPServer):
 
     def _refuse(self, request) -> None:
         """Over the connection cap: a short 503 (clients retry it), then close, no thread."""
-        body = b'{"message":"Too many connections to the emulator; retry."}'
+        body = (b'{"__type":"ServiceUnavailable",'
+                b'"message":"Too many connections to the emulator; retry."}')
         try:
             # Read the request if it comes at once: closing with unread data sends a reset,
             # which would destroy the answer before the client reads it.
@@ -317,6 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "cloudtrail-data-emulator"
 
     server: _Server
+    _json_1_1 = False  # this request is a cloudtrail control-plane (X-Amz-Target) call
 
     def setup(self):
         # Every read (request line, headers, body) of this connection waits at most this long;
@@ -367,6 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self.request_id = str(uuid.uuid4())
+        self._json_1_1 = False
         try:
             parts = urlsplit(self.path)
             route = ROUTES.get((self.command, parts.path))
@@ -374,6 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
                 route = ROUTES[("POST", "/PutAuditEvents")]  # it answers other methods itself
             elif self.headers.get("X-Amz-Target", "").startswith(TARGET_PREFIX):
                 route = LAKE_API  # the cloudtrail control plane answers on any path
+                self._json_1_1 = True  # errors from here on carry __type (see _error)
             if route is None or route.body_cap is not None:
                 body = self._read_body(route.body_cap if route else SMALL_BODY)
                 if body is None:
@@ -590,7 +600,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj, separators=(",", ":")).encode(), "application/json")
 
     def _error(self, status: int, code: str, message: str) -> None:
-        body = json.dumps({"message": message}).encode()
+        # botocore reads a JSON 1.1 (cloudtrail) error's code from the body's __type alone, a
+        # rest-json (cloudtrail-data) one's from the x-amzn-ErrorType header.
+        error = {"__type": code, "message": message} if self._json_1_1 else {"message": message}
+        body = json.dumps(error).encode()
         self._send(status, body, "application/json", {"x-amzn-ErrorType": code})
 
     def _send(self, status: int, body: bytes, content_type: str,
