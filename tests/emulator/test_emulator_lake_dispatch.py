@@ -1,7 +1,9 @@
 """How the server routes Lake calls before the Lake code sees them.
 
-- A signed ``X-Amz-Target`` call answers whatever ``Host`` it names (it is signed, like
-  PutAuditEvents); the page's ``POST /_emulator/query`` answers only an allowed Host.
+- A signed ``X-Amz-Target`` call answers whatever ``Host`` it names when the emulator checks
+  signatures against its credentials; without credentials any key signs, so a DNS-rebinding
+  page could read stored events: then it answers only an allowed Host, as the page's
+  ``POST /_emulator/query`` always does.
 - Both have a body cap (``LAKE_MAX_BODY``); a larger body is refused unread with 413.
 - An error the server answers before the Lake handler (body too large, chunked, a bad
   ``Content-Length``) has the JSON 1.1 shape, so boto3's ``cloudtrail`` client reads its code as
@@ -69,12 +71,27 @@ def emu(make_emulator):
     return emu
 
 
-def test_signed_lake_calls_answer_any_host(emu):
+def test_signed_lake_calls_answer_any_host_when_signatures_are_checked(emu):
     for host in ("evil.example", f"127.0.0.1:{emu.port}"):
         headers = _signed_lake_headers(emu, "ListEventDataStores", b"{}", host)
         answer = _send(emu, "POST", "/", headers, b"{}")
         assert answer["status_code"] == 200, (host, answer)
         assert len(json.loads(answer["body"])["EventDataStores"]) == 1
+
+
+def test_without_credentials_lake_calls_answer_only_an_allowed_host(make_emulator):
+    # Any key signs then: a page on evil.example rebound to 127.0.0.1 could sign its own call.
+    emu = make_emulator()
+    store(emu, [event_data(uid="u1")])
+    parser = create_parser("json")
+    for host, status in (("evil.example", 403), (f"evil.example:{emu.port}", 403),
+                         (f"localhost:{emu.port}", 200), (f"127.0.0.1:{emu.port}", 200)):
+        headers = _signed_lake_headers(emu, "ListEventDataStores", b"{}", host)
+        answer = _send(emu, "POST", "/", headers, b"{}")
+        assert answer["status_code"] == status, (host, answer)
+        if status == 403:  # in the shape boto3's cloudtrail client reads
+            parsed = parser.parse(answer, None)
+            assert parsed["Error"]["Code"] == "AccessDeniedException", parsed
 
 
 def test_the_page_query_route_needs_an_allowed_host(emu):

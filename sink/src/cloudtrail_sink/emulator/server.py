@@ -21,8 +21,10 @@ Routes (``ROUTES``; each has a body cap, larger bodies are refused with 413):
 
 The page and ``/_emulator/*`` answer only requests whose ``Host`` names an allowed host (loopback
 names and the listen address by default), so a web page elsewhere cannot reach them through DNS
-rebinding; ``PutAuditEvents`` and target calls (signed) and ``/healthz`` (probes) answer any
-host.
+rebinding; ``PutAuditEvents`` (signed, it only writes) and ``/healthz`` (probes) answer any
+host. Lake query calls (``X-Amz-Target``) read stored events: they answer any host only when
+the emulator has credentials (``--access-key``), whose signature a rebinding page cannot make;
+without them any key signs, so they get the same Host check as the page.
 
 Connections: the listen backlog is ``BACKLOG``; at most ``max_connections`` are served at once,
 one thread each (HTTP/1.1 keep-alive), and one more is answered 503 and closed at once; every
@@ -393,8 +395,10 @@ class _Handler(BaseHTTPRequestHandler):
                                    f"{route.body_cap if route else SMALL_BODY} bytes.")
             else:
                 body = b""
-            if route is not None and route.console and not host_allowed(
-                    self.headers.get("Host"), self.server.emulator.allowed_hosts):
+            emulator = self.server.emulator
+            checked = route is not None and (
+                route.console or route is LAKE_API and emulator.credentials is None)
+            if checked and not host_allowed(self.headers.get("Host"), emulator.allowed_hosts):
                 raise ApiError(403, "AccessDeniedException",
                                "Host header not allowed (see --allow-host).")
             if route is None:
