@@ -22,7 +22,7 @@ import urllib.request
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloudtrail_sink import httpserver, mappingstatus
@@ -46,11 +46,16 @@ def shipped_rules() -> tuple[str, int]:
     return compiled.lua_text(), len(compiled.rules)
 
 
-def replace(path: pathlib.Path, text: str) -> None:
-    """What `mappings compile -o` does: a temporary file in the same folder, then rename."""
+def replace_bytes(path: pathlib.Path, data: bytes) -> None:
+    """What `mappings compile -o` and the filter do: a temporary file in the same folder, then
+    rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def replace(path: pathlib.Path, text: str) -> None:
+    replace_bytes(path, text.encode())
 
 
 def audit(i: int, stage: str) -> dict:
@@ -94,7 +99,6 @@ def mapping_samples(text: str) -> dict[tuple[str, tuple], float]:
 def collected(path, clock=lambda: START) -> dict[tuple[str, tuple], float]:
     registry = CollectorRegistry()
     registry.register(MappingsStatus(str(path), clock))
-    from prometheus_client import generate_latest
     return mapping_samples(generate_latest(registry).decode())
 
 
@@ -415,8 +419,3 @@ def test_any_file_content_leaves_metrics_answering_and_a_good_status_exact(tmp_p
         any_bytes()
         good()
 
-
-def replace_bytes(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
