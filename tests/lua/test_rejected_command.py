@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 from cloudtrail_sink import cli
 from cloudtrail_sink.mappings import compile_files
@@ -113,3 +115,26 @@ def test_replay_lets_a_drop_rule_take_its_records_and_says_how_many(lua_filter, 
     [event] = read_folder(spool, "ready", ".seg")
     assert event["eventData"]["UID"] == "a-1-ResponseComplete"
     assert os.listdir(spool / "rejected") == []
+
+
+def test_replay_refuses_a_compiled_file_that_never_finishes_and_keeps_the_records(lua_filter,
+                                                                                 spool, tmp_path):
+    """The filter refuses a looping hand-written file (every record goes to rejected/); `rejected
+    replay` given that same file refuses it the same way, naming it, instead of hanging (the
+    timeout fails the test if it hangs), and leaves rejected/ as it was."""
+    loop = tmp_path / "loop.lua"
+    loop.write_text("local n = 0\nwhile true do n = n + 1 end\nreturn { format = 1 }\n")
+    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=str(loop))
+    f.call("app.auth", START, {"user": "alice"})
+    f.seal()
+    [rejected] = read_folder(spool, "rejected", ".rej")
+    assert "does not finish (more than 20000000 instructions)" in rejected["reason"]
+    before = {p.name: p.read_bytes() for p in (spool / "rejected").iterdir()}
+    done = subprocess.run([sys.executable, "-m", "cloudtrail_sink", "rejected", "replay",
+                           "--spool-dir", str(spool), "--mappings", str(loop)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {loop}: mappings {loop} failed to evaluate: ")
+    assert "loop.lua:2: does not finish (more than 20000000 instructions)" in done.stderr
+    assert {p.name: p.read_bytes() for p in (spool / "rejected").iterdir()} == before
+    assert os.listdir(spool / "ready") == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -143,8 +145,26 @@ def test_compiled_file_with_code_is_refused(tmp_path):
     bad = tmp_path / "evil.lua"
     bad.write_text('return { format = 1, rules = os.exit(3) }')
     from cloudtrail_sink.mappings import MapperLoadError
-    with pytest.raises(MapperLoadError, match="not pure data"):
+    with pytest.raises(MapperLoadError, match=r"evil\.lua failed to evaluate: .*'os'"):
         LuaMapper.from_file(bad)
+
+
+def test_mappings_test_refuses_a_compiled_file_that_never_finishes(tmp_path):
+    """A hand-written compiled file that loops gets the filter's instruction cap: `mappings
+    test` names the file and exits 1 instead of hanging (the timeout fails the test if not)."""
+    loop = tmp_path / "loop.lua"
+    loop.write_text("local n = 0\nwhile true do n = n + 1 end\nreturn { format = 1 }\n")
+    record = tmp_path / "record.json"
+    record.write_text('{"user": "alice"}\n')
+    done = subprocess.run([sys.executable, "-m", "cloudtrail_sink", "mappings", "test",
+                           "--tag", "app.auth", "-m", str(loop), str(record)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    # (Lua shortens the position's file name to its last 60 characters; the message starts
+    # with the whole one)
+    assert done.stderr.startswith(f"cannot load the mappings: mappings {loop} failed to evaluate: ")
+    assert "loop.lua:2: does not finish (more than 20000000 instructions)" in done.stderr
 
 
 CHECKED = """\

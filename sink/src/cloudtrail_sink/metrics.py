@@ -28,6 +28,9 @@ pacing_interval_seconds                gauge      current pacing interval (0: no
 spool_wait_seconds                     histogram  per segment: from its seal (mtime) to the
                                                   acknowledgement of its last event
 =====================================  =========  ==============================================
+
+Fluent Bit's mapping rules (``mappings_*``, ``mapping_dropped_records_total``) are read from the
+spool at each scrape by ``mappingstatus.MappingsStatus``, which lists them.
 """
 
 from __future__ import annotations

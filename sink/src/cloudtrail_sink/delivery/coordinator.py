@@ -41,6 +41,7 @@ from ..backoff import FullJitter, Pause
 from ..batcher import Batcher
 from ..config import ConfigError, SinkConfig, parse_listen
 from ..spool.deadletters import DeadLetters
+from ..mappingstatus import STATUS_FILE, MappingsStatus
 from ..metrics import Metrics
 from ..sender import RequestFailed, Sender, make_client
 from ..spool.lock import acquire_lock
@@ -73,6 +74,9 @@ class Runner:
         self.segment_errors = Counter(
             "cloudtrail_sink_segment_errors", "Segments whose read or deletion failed (retried)",
             ["stage"], registry=self.metrics.registry)
+        # What Fluent Bit's filter says about its rules, read from the spool at each scrape.
+        self.metrics.registry.register(MappingsStatus(
+            os.path.join(self.layout.root, STATUS_FILE), clock=clock))
         self.queue = SegmentQueue(self.layout, on_ignored=self._on_ignored,
                                   stale_tmp_seconds=cfg.stale_tmp_seconds, clock=clock)
         self.watcher = Watcher(self.queue, poll=cfg.poll, poll_seconds=cfg.poll_seconds,

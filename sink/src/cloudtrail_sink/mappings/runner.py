@@ -2,10 +2,13 @@
 
 Contract:
 
-* ``LuaMapper(lua_text)`` loads a compiled chunk the way the filter does (``load`` in an EMPTY
-  environment, text mode only) into a fresh ``luaharness.new_runtime()`` state, then
-  ``require("cloudtrail.mapper").new(data)``; a chunk that is not pure data or that the mapper
-  refuses raises ``MapperLoadError``.
+* ``LuaMapper(lua_text, name)`` loads a compiled chunk with the filter's own loader
+  (``cloudtrail.filter.parse_mappings``: text mode only, an EMPTY environment, at most 20 million
+  instructions to evaluate, ``format = 1``) into a fresh ``luaharness.new_runtime()`` state, then
+  ``require("cloudtrail.mapper").new(data)``. A chunk that does not load, calls anything, never
+  finishes (a hand-written loop), or that the mapper refuses raises ``MapperLoadError`` naming
+  ``name``, so ``mappings test`` and ``rejected replay`` accept exactly the files the filter
+  accepts and cannot hang on one.
 * ``LuaMapper.map(tag, time, record) -> MapResult`` converts ``record`` with
   ``luaharness.to_lua`` (what filter_lua does to a msgpack record), calls ``m:map`` and converts
   the eventData back with ``luaharness.from_lua``; ``dropped`` is true when a ``drop:`` rule
@@ -35,10 +38,8 @@ DEFAULT_VERSION = "1.0"
 _LOADER = rb"""
 local text, chunkname, module_dir = ...
 package.path = module_dir .. "/?.lua;" .. package.path
-local chunk, err = load(text, "=" .. chunkname, "t", {})
-if not chunk then return nil, "cannot load compiled mappings: " .. tostring(err) end
-local ok, data = pcall(chunk)
-if not ok then return nil, "compiled mappings are not pure data: " .. tostring(data) end
+local data, err = require("cloudtrail.filter").parse_mappings(text, chunkname)
+if not data then return nil, err end
 local mapper = require("cloudtrail.mapper")
 local m, merr = mapper.new(data)
 if not m then return nil, merr end
