@@ -15,7 +15,7 @@ import urllib.parse
 import pytest
 from botocore.exceptions import ClientError
 from browser import Browser
-from emusupport import CHANNEL_ARN, audit_event, batch, client, event_data, get_json
+from emusupport import ACCOUNT, CHANNEL_ARN, audit_event, batch, client, event_data, get_json
 from lakesupport import lake, run, store, store_id
 from test_emulator_lake_queries import KNOWN, known_event
 
@@ -279,3 +279,38 @@ def test_counters_show_what_is_stored_after_a_restart(make_emulator, browser, tm
     assert browser.js("document.getElementById('line-events').getAttribute('points')"
                       ).count(",") == 300
     browser.screenshot(tmp_path / "after-restart.png")
+
+
+def test_the_page_names_the_store_and_its_prefilled_example_runs(make_emulator, browser,
+                                                                  tmp_path):
+    emu = make_emulator(channels=None)  # open mode: the store appears with the first event
+    browser.goto(f"{emu.url}/")
+    browser.wait_for("document.body.dataset.refreshes >= '1'")
+    assert browser.js("document.querySelectorAll('#stores button.store').length") == 0
+    assert browser.js("document.getElementById('sql').value") == ""
+
+    store(emu, [known_event(*row) for row in KNOWN])  # while the page is open
+    ct = lake(emu)
+    eds = store_id(ct)
+    shown = browser.wait_for("document.querySelector('#stores button.store')?.textContent")
+    assert shown == eds
+    assert browser.js("document.getElementById('stores').textContent") == (
+        f"Event data store: {eds} (us-east-1, account {ACCOUNT})")
+    example = browser.js("document.getElementById('sql').value")
+    assert f"FROM {eds} " in example
+    browser.js("document.getElementById('run-query').click()")  # nothing typed
+    cells = browser.wait_for("document.getElementById('query-error')?.textContent || "
+                             "(document.getElementById('query-table') && "
+                             "[...document.querySelectorAll('#query-table tr')].map(r => "
+                             "[...r.children].map(c => c.textContent)))")
+    columns, rows = run(ct, example)
+    assert cells == [columns, *rows]
+    assert rows == [["Login", "3"], ["Logout", "2"], ["PutObject", "1"]]
+    browser.screenshot(tmp_path / "store-and-example.png")
+
+    # A click on the id puts it where the cursor is, as typed text would go.
+    browser.js("{const box = document.getElementById('sql'); box.focus();"
+               "box.value = 'SELECT count(*) FROM  WHERE true'; box.setSelectionRange(21, 21)}")
+    browser.js("document.querySelector('#stores button.store').click()")
+    assert browser.js("document.getElementById('sql').value") == (
+        f"SELECT count(*) FROM {eds} WHERE true")
