@@ -2,7 +2,8 @@
 ``browser.py``): refused events show their code and UID, a selected event its full JSON (also
 from a link), the filters list exactly what the JSON API returns, the query box renders what
 ``POST /_emulator/query`` answers (and, typed into the box, real SQL shows exactly what boto3's
-``cloudtrail`` client gets for it), and the counters show what is stored next to what came since
+``cloudtrail`` client gets for it; the store id it needs is listed above it, and the example it
+is pre-filled with runs as is), and the counters show what is stored next to what came since
 start. Each test keeps screenshots in its tmp_path (the path is printed)."""
 
 from __future__ import annotations
