@@ -201,6 +201,13 @@ def test_the_query_box_renders_what_the_query_endpoint_answers(make_emulator, br
     browser.screenshot(tmp_path / "query-failed.png")
 
 
+# What the page shows for a query: the error line, or the result table's cells.
+QUERY_SHOWN = ("document.getElementById('query-error')?.textContent || "
+               "(document.getElementById('query-table') && "
+               "[...document.querySelectorAll('#query-table tr')].map(r => "
+               "[...r.children].map(c => c.textContent)))")
+
+
 def _type_query(browser, sql: str):
     """Type SQL into the query box as a person does (focus, then text input), run it, and
     return what the page shows: the result table's cells, or the error line."""
@@ -209,11 +216,7 @@ def _type_query(browser, sql: str):
     browser.call("Input.insertText", {"text": sql}, session=True)
     assert browser.js("document.getElementById('sql').value") == sql
     browser.js("document.getElementById('run-query').click()")
-    return browser.wait_for(
-        "document.getElementById('query-error')?.textContent || "
-        "(document.getElementById('query-table') && "
-        "[...document.querySelectorAll('#query-table tr')].map(r => "
-        "[...r.children].map(c => c.textContent)))")
+    return browser.wait_for(QUERY_SHOWN)
 
 
 def test_the_query_box_shows_what_the_cloudtrail_api_returns(make_emulator, browser, tmp_path):
@@ -300,10 +303,7 @@ def test_the_page_names_the_store_and_its_prefilled_example_runs(make_emulator, 
     example = browser.js("document.getElementById('sql').value")
     assert f"FROM {eds} " in example
     browser.js("document.getElementById('run-query').click()")  # nothing typed
-    cells = browser.wait_for("document.getElementById('query-error')?.textContent || "
-                             "(document.getElementById('query-table') && "
-                             "[...document.querySelectorAll('#query-table tr')].map(r => "
-                             "[...r.children].map(c => c.textContent)))")
+    cells = browser.wait_for(QUERY_SHOWN)
     columns, rows = run(ct, example)
     assert cells == [columns, *rows]
     assert rows == [["Login", "3"], ["Logout", "2"], ["PutObject", "1"]]
