@@ -2,7 +2,8 @@
 ``browser.py``): refused events show their code and UID, a selected event its full JSON (also
 from a link), the filters list exactly what the JSON API returns, the query box renders what
 ``POST /_emulator/query`` answers (and, typed into the box, real SQL shows exactly what boto3's
-``cloudtrail`` client gets for it), and the counters show what is stored next to what came since
+``cloudtrail`` client gets for it; the store id it needs is listed above it, and the example it
+is pre-filled with runs as is), and the counters show what is stored next to what came since
 start. Each test keeps screenshots in its tmp_path (the path is printed)."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import urllib.parse
 import pytest
 from botocore.exceptions import ClientError
 from browser import Browser
-from emusupport import CHANNEL_ARN, audit_event, batch, client, event_data, get_json
+from emusupport import ACCOUNT, CHANNEL_ARN, audit_event, batch, client, event_data, get_json
 from lakesupport import lake, run, store, store_id
 from test_emulator_lake_queries import KNOWN, known_event
 
@@ -200,6 +201,13 @@ def test_the_query_box_renders_what_the_query_endpoint_answers(make_emulator, br
     browser.screenshot(tmp_path / "query-failed.png")
 
 
+# What the page shows for a query: the error line, or the result table's cells.
+QUERY_SHOWN = ("document.getElementById('query-error')?.textContent || "
+               "(document.getElementById('query-table') && "
+               "[...document.querySelectorAll('#query-table tr')].map(r => "
+               "[...r.children].map(c => c.textContent)))")
+
+
 def _type_query(browser, sql: str):
     """Type SQL into the query box as a person does (focus, then text input), run it, and
     return what the page shows: the result table's cells, or the error line."""
@@ -208,11 +216,7 @@ def _type_query(browser, sql: str):
     browser.call("Input.insertText", {"text": sql}, session=True)
     assert browser.js("document.getElementById('sql').value") == sql
     browser.js("document.getElementById('run-query').click()")
-    return browser.wait_for(
-        "document.getElementById('query-error')?.textContent || "
-        "(document.getElementById('query-table') && "
-        "[...document.querySelectorAll('#query-table tr')].map(r => "
-        "[...r.children].map(c => c.textContent)))")
+    return browser.wait_for(QUERY_SHOWN)
 
 
 def test_the_query_box_shows_what_the_cloudtrail_api_returns(make_emulator, browser, tmp_path):
@@ -279,3 +283,35 @@ def test_counters_show_what_is_stored_after_a_restart(make_emulator, browser, tm
     assert browser.js("document.getElementById('line-events').getAttribute('points')"
                       ).count(",") == 300
     browser.screenshot(tmp_path / "after-restart.png")
+
+
+def test_the_page_names_the_store_and_its_prefilled_example_runs(make_emulator, browser,
+                                                                  tmp_path):
+    emu = make_emulator(channels=None)  # open mode: the store appears with the first event
+    browser.goto(f"{emu.url}/")
+    browser.wait_for("document.body.dataset.refreshes >= '1'")
+    assert browser.js("document.querySelectorAll('#stores button.store').length") == 0
+    assert browser.js("document.getElementById('sql').value") == ""
+
+    store(emu, [known_event(*row) for row in KNOWN])  # while the page is open
+    ct = lake(emu)
+    eds = store_id(ct)
+    shown = browser.wait_for("document.querySelector('#stores button.store')?.textContent")
+    assert shown == eds
+    assert browser.js("document.getElementById('stores').textContent") == (
+        f"Event data store: {eds} (us-east-1, account {ACCOUNT})")
+    example = browser.js("document.getElementById('sql').value")
+    assert f"FROM {eds} " in example
+    browser.js("document.getElementById('run-query').click()")  # nothing typed
+    cells = browser.wait_for(QUERY_SHOWN)
+    columns, rows = run(ct, example)
+    assert cells == [columns, *rows]
+    assert rows == [["Login", "3"], ["Logout", "2"], ["PutObject", "1"]]
+    browser.screenshot(tmp_path / "store-and-example.png")
+
+    # A click on the id puts it where the cursor is, as typed text would go.
+    browser.js("{const box = document.getElementById('sql'); box.focus();"
+               "box.value = 'SELECT count(*) FROM  WHERE true'; box.setSelectionRange(21, 21)}")
+    browser.js("document.querySelector('#stores button.store').click()")
+    assert browser.js("document.getElementById('sql').value") == (
+        f"SELECT count(*) FROM {eds} WHERE true")

@@ -22,7 +22,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.parsers import create_parser
 
-from cloudtrail_sink.emulator.server import LAKE_MAX_BODY
+from cloudtrail_sink.emulator.server import LAKE_MAX_BODY, SMALL_BODY
 from emusupport import KEY, SECRET, event_data
 from lakesupport import store
 
@@ -102,6 +102,18 @@ def test_the_page_query_route_needs_an_allowed_host(emu):
                        {"Host": host, "Content-Type": "application/json",
                         "Content-Length": str(len(body))}, body)
         assert answer["status_code"] == status, host
+
+
+def test_the_page_stores_route_needs_an_allowed_host_and_caps_its_body(emu):
+    for host, status in (("evil.example", 403), (f"evil.example:{emu.port}", 403),
+                         (f"localhost:{emu.port}", 200), ("127.0.0.1", 200)):
+        answer = _send(emu, "GET", "/_emulator/stores", {"Host": host})
+        assert answer["status_code"] == status, host
+        if status == 200:
+            assert len(json.loads(answer["body"])["stores"]) == 1
+    answer = _send(emu, "GET", "/_emulator/stores",
+                   {"Host": "localhost", "Content-Length": str(SMALL_BODY + 1)}, send_body=False)
+    assert answer["status_code"] == 413
 
 
 def test_the_page_query_route_is_not_reached_through_a_target_header(emu):

@@ -15,7 +15,8 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from emusupport import ACCOUNT, CHANNEL_ARN, KEY, NO_RETRIES, SECRET, event_data, signed_request
+from emusupport import (ACCOUNT, CHANNEL_ARN, KEY, NO_RETRIES, OTHER_ACCOUNT, SECRET, event_data,
+                        get_json, signed_request)
 from lakesupport import error_code, lake, page_query, run, store, store_id, wait_ended
 
 # (UID, principal, eventName, eventTime)
@@ -302,6 +303,30 @@ def test_page_query_endpoint_gives_the_api_rows(known):
     assert refused["error"]["code"] == "InvalidQueryStatementException"
     status, bad = page_query(known, b"not json")
     assert status == 400 and bad["error"]["code"] == "SerializationException"
+
+
+def test_the_page_lists_the_stores_list_event_data_stores_shows_in_every_region(make_emulator):
+    other = CHANNEL_ARN.replace("us-east-1", "eu-west-1").replace(ACCOUNT, OTHER_ACCOUNT)
+    emu = make_emulator(channels=None)
+    assert get_json(f"{emu.url}/_emulator/stores") == {"stores": []}
+    store(emu, [event_data(uid="open-1")])  # open mode: a store appears with its first event
+    assert get_json(f"{emu.url}/_emulator/stores")["stores"] == [{
+        "id": store_id(lake(emu)), "arn": lake(emu).list_event_data_stores()[
+            "EventDataStores"][0]["EventDataStoreArn"],
+        "name": f"emulator-{ACCOUNT}-us-east-1", "region": "us-east-1", "account": ACCOUNT}]
+
+    emu = make_emulator(channels={CHANNEL_ARN: None, other: None})
+    listed = get_json(f"{emu.url}/_emulator/stores")["stores"]
+    from_boto3 = [s for region in ("eu-west-1", "us-east-1")
+                  for s in lake(emu, region).list_event_data_stores()["EventDataStores"]]
+    assert [(s["arn"], s["name"]) for s in listed] == [
+        (s["EventDataStoreArn"], s["Name"]) for s in from_boto3]
+    assert [(s["region"], s["account"]) for s in listed] == [("eu-west-1", OTHER_ACCOUNT),
+                                                              ("us-east-1", ACCOUNT)]
+    for s in listed:  # the id is what FROM takes, in its own region
+        assert s["arn"].endswith("/" + s["id"])
+        _, rows = run(lake(emu, s["region"]), f"SELECT count(*) FROM {s['id']}")
+        assert rows == [["0"]]
 
 
 def test_open_mode_finds_channels_and_stores_from_stored_events(make_emulator):

@@ -18,6 +18,7 @@ Routes (``ROUTES``; each has a body cap, larger bodies are refused with 413):
   ``lake``; both take bodies up to ``LAKE_MAX_BODY``. Errors answered to a target call before
   ``lake`` sees it (body too large, chunked, bad length) carry the JSON 1.1 body
   ``{"__type": <code>, "message": ...}``: botocore's ``cloudtrail`` client reads the code there.
+  ``GET /_emulator/stores`` (the event data stores a query names in ``FROM``) -> ``lake`` too.
 
 The page and ``/_emulator/*`` answer only requests whose ``Host`` names an allowed host (loopback
 names and the listen address by default), so a web page elsewhere cannot reach them through DNS
@@ -462,6 +463,10 @@ class _Handler(BaseHTTPRequestHandler):
         answer = self.server.emulator.lake.api.page_query(body)
         self._send(answer.status, answer.body, answer.content_type, answer.headers)
 
+    def _lake_stores(self, _query: str, _body: bytes):
+        answer = self.server.emulator.lake.api.page_stores()
+        self._send(answer.status, answer.body, answer.content_type, answer.headers)
+
     def _delay(self, emulator: Emulator):
         latency = emulator.faults.latency_ms
         if latency:
@@ -647,6 +652,7 @@ ROUTES: dict[tuple[str, str], Route] = {
         lambda h, q, b: h._json(200, h.server.emulator.faults.to_dict())),
     ("PUT", "/_emulator/faults"): Route(_Handler._put_faults),
     ("POST", "/_emulator/query"): Route(_Handler._lake_page, LAKE_MAX_BODY),
+    ("GET", "/_emulator/stores"): Route(_Handler._lake_stores),
 }
 # Signed cloudtrail control-plane calls (X-Amz-Target), on any path; signed, so any Host.
 LAKE_API = Route(_Handler._lake_api, LAKE_MAX_BODY, console=False)

@@ -17,6 +17,9 @@ bad query is refused at once with ``InvalidQueryStatementException``; errors fou
 ``page_query(body)`` answers the unsigned ``POST /_emulator/query`` with body ``{"sql": "..."}``
 through the same checks and query store: ``{"queryId", "status": "FINISHED"|"FAILED",
 "columns", "rows", "error": {"code", "message"} | null}``; all stores of all regions are visible.
+``page_stores()`` answers ``GET /_emulator/stores`` with those stores, the ones
+ListEventDataStores lists in each region: ``{"stores": [{"id", "arn", "name", "region",
+"account"}, ...]}``, ordered by region and account (``FROM`` takes the id).
 """
 
 from __future__ import annotations
@@ -126,6 +129,12 @@ class ControlPlane:
                           query_id=query.id)
         return _answer({"queryId": query.id, "status": "FINISHED", "columns": query.columns,
                         "rows": query.rows, "error": None}, content_type="application/json")
+
+    def page_stores(self) -> Answer:
+        stores = self.catalog.stores(self._seen(), None)
+        return _answer({"stores": [{"id": s.id, "arn": s.arn, "name": s.name, "region": s.region,
+                                    "account": s.account} for s in stores]},
+                       content_type="application/json")
 
     # operations ------------------------------------------------------------------------------
     def _seen(self) -> list[str]:
