@@ -70,7 +70,9 @@ class SegmentTracker:
                  clock: Callable[[], float] = time.monotonic,
                  before_delete: Callable[[Segment], None] = lambda seg: None):
         self.queue = queue
-        self.before_delete = before_delete  # e.g. how long the segment waited (its mtime)
+        # Told once per settled segment, before its first deletion attempt (not in a dry run):
+        # e.g. how long the segment waited (its mtime).
+        self.before_delete = before_delete
         self.acks_dir = acks_dir  # None: no journal (dry run)
         self.failed_dir = failed_dir
         self.delete = delete  # False: a dry run deletes nothing
@@ -106,7 +108,7 @@ class SegmentTracker:
             return False
         seg = Segment(name, path, AckJournal(self.acks_dir, name, self.failed_dir)
                       if self.acks_dir is not None else None)
-        self._complete(seg)
+        self._complete(seg, retried=True)
         return True
 
     def add(self, seg: Segment, n: int = 1) -> None:
@@ -188,13 +190,14 @@ class SegmentTracker:
             return True
         return False
 
-    def _complete(self, seg: Segment) -> None:
+    def _complete(self, seg: Segment, retried: bool = False) -> None:
         if self.delete:
             try:
                 with self._delete_lock:
                     if self._no_deletes:
                         return  # stopped: the next sink on this spool settles it again
-                    self.before_delete(seg)
+                    if not retried:  # once per segment, not per deletion attempt
+                        self.before_delete(seg)
                     os.unlink(seg.path)
             except FileNotFoundError:
                 pass
