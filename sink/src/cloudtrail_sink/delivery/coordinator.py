@@ -1,8 +1,8 @@
 """The running sink: owns the lifecycle, the threads, the signals and the health answers.
 
-Threads: one reader (``reading.SegmentReading``), ``max_in_flight`` sender workers (batcher ->
-sender -> ``settle.Settler``), the watcher's observer and rescan thread, the HTTP status server.
-The calling thread owns the lifecycle.
+Threads: one reader (``reading.SegmentReading``), ``max_in_flight`` sender workers
+(``sending.Sending``: batcher -> sender -> ``settle.Settler``), the watcher's observer and
+rescan thread, the HTTP status server. The calling thread owns the lifecycle.
 
 Guarantees (the product's promise):
 
@@ -42,14 +42,15 @@ from ..batcher import Batcher
 from ..config import ConfigError, SinkConfig, parse_listen
 from ..spool.deadletters import DeadLetters
 from ..metrics import Metrics
-from ..sender import RequestFailed, Sender, make_client
+from ..sender import Sender, make_client
 from ..spool.lock import acquire_lock
 from ..watcher import SegmentQueue, Watcher
 from . import health
 from .dryrun import DRY_RUN_ACCOUNT, DryRunDeadLetters, DryRunSender
 from .journal import remove_orphans
 from .reading import SegmentReading
-from .settle import Settler, unsettled
+from .sending import Sending
+from .settle import Settler
 from .tracker import SegmentTracker
 
 log = logging.getLogger("cloudtrail_sink.runner")
@@ -111,6 +112,9 @@ class Runner:
                                pause=self.pause, clock=clock, channel_arn=cfg.channel_arn,
                                pacer=self.pacer, monotonic=monotonic)
         self._stop = threading.Event()
+        self.sending = Sending(sender=self.sender, batcher=self.batcher, settler=self.settler,
+                               pause=self.pause, jitter=self.jitter, metrics=self.metrics,
+                               stop=self._stop, monotonic=monotonic)
         self.reading = SegmentReading(
             cfg=cfg, layout=self.layout, queue=self.queue, tracker=self.segments,
             batcher=self.batcher, settler=self.settler, dead_letters=self.dead,
@@ -122,7 +126,6 @@ class Runner:
         self._threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
         self.http = None
-        self.last_success: float | None = None
         self.started = monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -155,7 +158,7 @@ class Runner:
                 self.watcher.start()
             self._spawn(self.reading.run, "sink-reader")
             for i in range(cfg.max_in_flight):
-                self._spawn(self._worker, f"sink-sender-{i}")
+                self._spawn(self.sending.worker, f"sink-sender-{i}")
         except BaseException:
             self.stop()
             raise
@@ -269,7 +272,7 @@ class Runner:
 
     def ready(self) -> tuple[bool, dict]:
         return health.readiness(self.monotonic(), self.segments.pending, self.queue.known(),
-                                self.last_success, self.pause.paused, self.pause.reason)
+                                self.sending.last_success, self.pause.paused, self.pause.reason)
 
     def _oldest_age(self) -> float:
         oldest = self.queue.oldest_sealed_us()
@@ -283,41 +286,3 @@ class Runner:
         self.metrics.deleted.inc()
         log.debug("segment delivered and deleted", extra={"segment": seg.name,
                                                           "events": seg.records})
-
-    # -- sending --------------------------------------------------------------------------------
-    def _wait_pause(self) -> bool:
-        while True:
-            remaining = self.pause.remaining()
-            if remaining <= 0:
-                return not self._stop.is_set()
-            if self._stop.wait(remaining):
-                return False
-
-    def _worker(self) -> None:
-        while self._wait_pause():
-            batch = self.batcher.take()
-            if batch is None:
-                return
-            if not self._wait_pause():
-                return
-            settled: set = set()
-            try:
-                self._send(batch, settled)
-            except Exception:
-                rest = unsettled(batch, settled)
-                log.exception("unexpected error handling a request; its unsettled events will be "
-                              "re-sent", extra={"events": len(batch), "unsettled": len(rest)})
-                if rest:
-                    self.batcher.retry(rest, self.jitter.delay(3))
-
-    def _send(self, batch: list, settled: set) -> None:
-        entries = [it.p.entry() for it in batch]
-        started = self.monotonic()
-        try:
-            outcome = self.sender.send(entries)
-        except RequestFailed as exc:
-            outcome = exc
-        self.metrics.latency.observe(self.monotonic() - started)
-        if not isinstance(outcome, RequestFailed):
-            self.last_success = self.monotonic()
-        self.settler.settle(batch, outcome, settled)
