@@ -119,3 +119,26 @@ def test_every_record_is_settled_in_exactly_one_place(tmp_path, emulator):
     assert codes == {"InvalidRecipient": 1, "MalformedRecord": 1}
     assert len(quarantined(spool_dir)) == 2  # the string and the array: one run, + reason
 
+
+
+@pytest.mark.timeout(120)
+def test_bytes_crafted_to_make_every_record_search_walk_far_are_read_in_linear_time(tmp_path):
+    """A run of map headers claiming 2**32 entries, each followed by the packed key
+    ``eventData``: every search for the next record tries each header and walks to the end
+    of the data (quadratic: about 20 minutes of CPU for 1 MB before the budget)."""
+    from cloudtrail_sink.delivery import reader as segment_reader
+
+    good = msgpack.packb({"tag": "t", "time": 1, "eventData": event(1)})
+    unit = b"\xdf\xff\xff\xff\xff" + b"\xa9eventData"
+    crafted = b"\xc1" + unit * (256 * 1024 // len(unit))
+    path = tmp_path / "seg"
+    path.write_bytes(good + crafted)
+    budget = segment_reader.Budget.for_size(path.stat().st_size)
+    steps = budget.left
+    with open(path, "rb") as f:
+        out = list(segment_reader.read_segment(f, budget))
+    # The record before the crafted bytes is read; the rest is one run to the end of the file.
+    assert [type(x).__name__ for x in out] == ["Record", "Junk"]
+    assert out[0].value["eventData"] == event(1)
+    assert (out[1].offset, out[1].end) == (len(good), None)
+    assert budget.used <= steps
