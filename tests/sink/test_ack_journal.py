@@ -85,3 +85,21 @@ def test_dead_letters_are_not_written_again_after_failed_replay_took_their_file(
     # The replayed copy is refused again (still the wrong account): one dead letter, not two.
     assert [line["id"] for line in failed_lines(spool_dir)] == ["bad-0"]
     assert os.listdir(spool_dir / "ready") == [] and os.listdir(spool_dir / "acks") == []
+
+
+def test_journals_without_their_segment_are_removed_at_start_and_others_kept(tmp_path):
+    spool_dir = tmp_path / "spool"
+    [seg] = fill(spool_dir, [event(i) for i in range(5)])
+    acks = spool_dir / "acks"
+    acks.mkdir(exist_ok=True)
+    (acks / "gone.seg.acks").write_bytes(b"a 0 00000000\n")
+    offs = offsets(spool_dir / "ready" / seg)
+    AckJournal(str(acks), seg, str(spool_dir / "failed")).accepted(offs[:2])
+    runner = Runner(drain_config(spool_dir, drain=False, rescan_seconds=3600),
+                    sender=CrashingService(answer=0))  # answers nothing: the journal stays
+    runner.start()
+    try:
+        assert sorted(os.listdir(acks)) == [seg + ".acks"]
+    finally:
+        runner.sender.release.set()
+        runner.stop()
