@@ -142,3 +142,41 @@ def test_bytes_crafted_to_make_every_record_search_walk_far_are_read_in_linear_t
     assert out[0].value["eventData"] == event(1)
     assert (out[1].offset, out[1].end) == (len(good), None)
     assert budget.used <= steps
+
+
+@pytest.mark.timeout(120)
+def test_many_short_bad_stretches_do_not_reread_the_segment_for_each(tmp_path, monkeypatch):
+    """Values msgpack cannot build (a map keyed by an array), each followed by a record: every
+    one makes the reader look at the bytes after it; that reading is charged to the budget, so
+    the read stays linear in the segment's size and accounts for every byte."""
+    from cloudtrail_sink.delivery import reader as segment_reader
+
+    bad = msgpack.packb({(1, 2): 1})
+    good = msgpack.packb({"tag": "t", "eventData": event(1)})
+    path = tmp_path / "seg"
+    path.write_bytes((bad + good) * 20_000)
+    size = path.stat().st_size
+    searched = {"bytes": 0}
+    real_pread = os.pread
+
+    def pread(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        searched["bytes"] += len(data)
+        return data
+
+    monkeypatch.setattr(os, "pread", pread)
+    budget = segment_reader.Budget.for_size(size)
+    steps = budget.left
+    with open(path, "rb") as f:
+        out = list(segment_reader.read_segment(f, budget))
+    assert budget.used <= steps
+    # Linear: the bytes read again to search are bounded by the budget (before it, each bad
+    # value re-read up to 16 MiB after it: 20,000 x the rest of the segment, ~80 GB here).
+    # (plus the one window read when it ran out).
+    assert searched["bytes"] <= segment_reader.BYTES_PER_STEP * steps + spool.MAX_RECORD_BYTES
+    # Every byte in exactly one item, in order; the records found are whole records.
+    ends = [x.offset for x in out[1:]] + [size]
+    assert out[0].offset == 0
+    assert all((x.end if x.end is not None else size) == e for x, e in zip(out, ends))
+    records = [x for x in out if isinstance(x, segment_reader.Record)]
+    assert records and all(r.value["eventData"] == event(1) for r in records)

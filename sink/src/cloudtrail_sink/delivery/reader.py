@@ -13,9 +13,10 @@ Contract of :func:`read_segment` (``f`` an open segment, read from its start):
   decodes whole). When no record follows, or for a record larger than ``spool.MAX_RECORD_BYTES``
   or a truncated last record, the run reaches the end of the file (``end`` is None).
 - Time is linear in the segment's size: walking bytes to find a value's end or the next record
-  costs at most :data:`SEARCH_STEPS_MIN` + :data:`SEARCH_STEPS_PER_BYTE` steps per byte of the
-  segment in all (a :class:`Budget`); bytes that would take more (crafted to make every search
-  walk far) end the read as a run to the end of the file, kept whole in quarantine.
+  (and reading bytes to do so, :data:`BYTES_PER_STEP`) costs at most :data:`SEARCH_STEPS_MIN`
+  + :data:`SEARCH_STEPS_PER_BYTE` steps per byte of the segment in all (a :class:`Budget`);
+  bytes that would take more (crafted to make every search walk far) end the read as a run to
+  the end of the file, kept whole in quarantine.
 - Memory is bounded by ``spool.MAX_RECORD_BYTES`` plus one read chunk.
 """
 
@@ -74,6 +75,25 @@ class Budget:
     @classmethod
     def for_size(cls, size: int) -> "Budget":
         return cls(SEARCH_STEPS_MIN + SEARCH_STEPS_PER_BYTE * size)
+
+    def charge(self, steps: int) -> None:
+        if steps > self.left:
+            self.used += self.left
+            self.left = 0
+            raise OutOfBudget()
+        self.left -= steps
+        self.used += steps
+
+
+# Reading bytes to search them is charged too (a step per this many bytes): a segment of many
+# short bad stretches must not re-read up to 16 MiB for each.
+BYTES_PER_STEP = 16
+
+
+def _window(f: BinaryIO, offset: int, budget: Budget) -> bytes:
+    data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset)
+    budget.charge(len(data) // BYTES_PER_STEP)
+    return data
 
 
 class OutOfBudget(Exception):
@@ -190,8 +210,7 @@ def _tail(run: _Run, offset: int, error: str) -> Junk:
 def _extent_at(f: BinaryIO, offset: int, budget: Budget) -> int | None:
     """Length of the well-formed msgpack value at ``offset``, or None when there is none
     within ``spool.MAX_RECORD_BYTES`` (bytes that are not msgpack, or a cut value)."""
-    data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset)
-    return extent(data, 0, budget)
+    return extent(_window(f, offset, budget), 0, budget)
 
 
 _KEY = b"\xa9eventData"  # the str "eventData" as every writer packs it
@@ -202,7 +221,7 @@ def _next_record(f: BinaryIO, offset: int, budget: Budget) -> int | None:
     """Offset of the first record after ``offset`` (a map holding ``eventData`` that msgpack
     decodes whole), found by looking for the packed key and trying the map headers shortly
     before it; None when there is none within ``spool.MAX_RECORD_BYTES``."""
-    data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset + 1)
+    data = _window(f, offset + 1, budget)
     base = offset + 1
     tried: set[int] = set()
     at = data.find(_KEY)
