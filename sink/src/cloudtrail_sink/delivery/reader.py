@@ -63,10 +63,18 @@ class Junk:
 
 SEARCH_STEPS_MIN = 1 << 22
 SEARCH_STEPS_PER_BYTE = 32
+# Reading bytes to search them is charged too (a step per this many bytes): a segment of many
+# short bad stretches must not re-read up to 16 MiB for each.
+BYTES_PER_STEP = 16
+
+
+class OutOfBudget(Exception):
+    pass
 
 
 class Budget:
-    """Steps a read may still spend walking bytes (:func:`extent`); ``used`` so far."""
+    """Steps a read may still spend searching: walking values (:func:`extent`) and reading
+    bytes to walk (:data:`BYTES_PER_STEP`); ``used`` so far."""
 
     def __init__(self, steps: int):
         self.left = steps
@@ -85,19 +93,10 @@ class Budget:
         self.used += steps
 
 
-# Reading bytes to search them is charged too (a step per this many bytes): a segment of many
-# short bad stretches must not re-read up to 16 MiB for each.
-BYTES_PER_STEP = 16
-
-
 def _window(f: BinaryIO, offset: int, budget: Budget) -> bytes:
     data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset)
     budget.charge(len(data) // BYTES_PER_STEP)
     return data
-
-
-class OutOfBudget(Exception):
-    pass
 
 
 def _unpacker() -> msgpack.Unpacker:

@@ -14,8 +14,9 @@ aliases included, exactly once, as one of:
 
 :meth:`Settler.dead_letter` is the single dead-letter path (the reader's pre-send refusals use it
 too): one ``failed/`` file per call, each event's segment journal told just before the file
-appears and just after (``delivery/journal.py``), then the tracker finalizes them. It cannot fail on content
-(``spool.deadletters.dump_line``); a disk that refuses it raises ``OSError`` and the caller retries.
+appears and just after (``delivery/journal.py``), then the tracker finalizes them. It cannot
+fail on content (``spool.deadletters.dump_line``); a disk that refuses it raises ``OSError`` and
+the caller retries.
 
 Each event is added to ``settled`` just before it is handed on, so after an unexpected
 exception only the others are retried (a second finalization could complete a segment early).
