@@ -103,3 +103,25 @@ def test_journals_without_their_segment_are_removed_at_start_and_others_kept(tmp
     finally:
         runner.sender.release.set()
         runner.stop()
+
+
+def test_a_dry_run_shows_only_what_the_next_run_would_send(tmp_path):
+    import io
+    import json
+
+    spool_dir = tmp_path / "spool"
+    [seg] = fill(spool_dir, [event(i) for i in range(10)])
+    acks = spool_dir / "acks"
+    acks.mkdir(exist_ok=True)
+    # A sink killed after evt-0..3 were accepted left this journal behind.
+    AckJournal(str(acks), seg, str(spool_dir / "failed")).accepted(
+        offsets(spool_dir / "ready" / seg)[:4])
+    before = (acks / (seg + ".acks")).read_bytes()
+    out = io.StringIO()
+    run_drain(drain_config(spool_dir, dry_run=True), out=out)
+    shown = [json.loads(e["eventData"])["UID"] for line in out.getvalue().splitlines()
+             for e in json.loads(line)["auditEvents"]]
+    assert shown == [f"evt-{i}" for i in range(4, 10)]
+    # ...and it changed nothing: the journal and the segment are as they were.
+    assert (acks / (seg + ".acks")).read_bytes() == before
+    assert os.listdir(spool_dir / "ready") == [seg]

@@ -19,7 +19,8 @@ Guarantees (the product's promise):
   within ``grace_seconds``, settle their results, exit 0. Unsettled segments stay for next time.
 - ``sink.lock`` (``spool/lock.py``) keeps a second sink off the same spool. ``--dry-run`` takes
   no lock and changes nothing on disk: it is given the dry-run sender and dead-letter printer
-  (``dryrun.py``) and a tracker that deletes nothing.
+  (``dryrun.py``) and a tracker that deletes nothing and reads the ack journals without
+  writing them (so it shows what the next run would send).
 - A segment whose read or deletion fails is logged, counted (``segment_errors_total{stage}``)
   and offered again later (``tracker.py``). A drain that ends with such segments left returns
   :data:`EXIT_INCOMPLETE`, as does a drain not done within ``drain_timeout``.
@@ -79,7 +80,7 @@ class Runner:
         self.watcher = Watcher(self.queue, poll=cfg.poll, poll_seconds=cfg.poll_seconds,
                                rescan_seconds=cfg.rescan_seconds)
         self.segments = SegmentTracker(
-            self.queue, None if cfg.dry_run else self.layout.acks, self.layout.failed,
+            self.queue, self.layout.acks, self.layout.failed,
             delete=not cfg.dry_run, on_deleted=self._on_deleted,
             on_error=lambda stage: self.segment_errors.labels(stage).inc(), clock=monotonic,
             before_delete=lambda seg: self.metrics.observe_spool_wait(seg.path, self.clock()))
