@@ -64,27 +64,43 @@ class Sinks:
     """``n`` sink processes, one per spool, each with its /metrics on a port of its own."""
 
     def __init__(self, tmp: str, spools: list[str], url: str, env: dict, extra: list[str]):
-        self.ports = [common.free_port() for _ in spools]
-        self.procs = []
-        for k, (root, port) in enumerate(zip(spools, self.ports)):
-            cmd = [common.PY, "-m", "cloudtrail_sink", "run", "--spool-dir", root,
-                   "--channel-arn", common.CHANNEL_ARN, "--endpoint-url", url,
-                   "--listen", f"127.0.0.1:{port}", "--log-level", "warning", *extra]
-            self.procs.append(subprocess.Popen(
-                cmd, env=env, stdout=subprocess.DEVNULL,
-                stderr=open(os.path.join(tmp, f"sink-{k:03d}.log"), "ab"),
-                start_new_session=True))
+        self.tmp, self.spools, self.url, self.env, self.extra = tmp, spools, url, env, extra
+        # Ports are unique in the run: free_port() can give the same one twice, and a second
+        # sink's /readyz would then be answered by the first one.
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen] = []
+        for k in range(len(spools)):
+            self.ports.append(0)
+            self.procs.append(self._start(k))
         deadline = time.monotonic() + 300  # 40 Python processes on a busy 2-core machine
-        for proc, port in zip(self.procs, self.ports):
+        for k in range(len(spools)):
+            restarts = 0
             while True:
                 try:
-                    get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                    get(f"http://127.0.0.1:{self.ports[k]}/readyz", timeout=2)
                     break
                 except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
+                    if self.procs[k].poll() is not None and restarts < 3:
+                        # Its port was taken meanwhile (another process's connection on a
+                        # busy machine): start it again on another one.
+                        restarts += 1
+                        self.procs[k] = self._start(k)
+                    elif self.procs[k].poll() is not None or time.monotonic() > deadline:
                         self.stop()
                         raise RuntimeError(f"a sink did not start (logs in {tmp})") from None
                     time.sleep(0.2)
+
+    def _start(self, k: int) -> subprocess.Popen:
+        port = common.free_port()
+        while port in self.ports:
+            port = common.free_port()
+        self.ports[k] = port
+        cmd = [common.PY, "-m", "cloudtrail_sink", "run", "--spool-dir", self.spools[k],
+               "--channel-arn", common.CHANNEL_ARN, "--endpoint-url", self.url,
+               "--listen", f"127.0.0.1:{port}", "--log-level", "warning", *self.extra]
+        with open(os.path.join(self.tmp, f"sink-{k:03d}.log"), "ab") as log:
+            return subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=log,
+                                    start_new_session=True)
 
     def delivered(self) -> list[int]:
         out = []

@@ -208,6 +208,9 @@ def test_a_settled_segment_whose_deletion_failed_is_deleted_later_without_resend
     assert service.sent() == [f"evt-{i}" for i in range(5)]  # once: only the deletion retried
     assert runner.metrics.registry.get_sample_value(
         "cloudtrail_sink_segments_deleted_total") == 1
+    # Its wait in the spool is one observation, not one per deletion attempt.
+    assert runner.metrics.registry.get_sample_value(
+        "cloudtrail_sink_spool_wait_seconds_count") == 1
 
 
 def test_drain_ends_with_exit_4_when_a_segment_cannot_be_deleted(tmp_path, monkeypatch):

@@ -366,3 +366,59 @@ def test_pacing_options_come_from_flags_or_environment_and_bad_values_name_the_o
             SinkConfig(**base, **{name: value}).validate()
     cfg = SinkConfig(**base).validate()
     assert (cfg.max_pacing_delay_ms, cfg.max_calls_per_second, cfg.max_attempts) == (10_000, 0.0, 1)
+
+
+class EveryKindOfAnswer:
+    """Answers in turn: a 5xx, a pause (access denied), then a split of any request holding
+    ``evt-13`` (refused as invalid) and a partial answer with a permanent per-event code;
+    records every request."""
+
+    def __init__(self):
+        self.requests = 0
+
+    def send(self, entries):
+        self.requests += 1
+        ids = {e["id"] for e in entries}
+        if self.requests == 1:
+            raise RequestFailed("retry", "InternalFailure", "boom", 500)
+        if self.requests == 2:
+            raise RequestFailed("pause", "AccessDeniedException", "no", 403)
+        if "evt-13" in ids:
+            raise RequestFailed("split", "ValidationException", "1 validation error", 400)
+        failed = [("evt-7", "InvalidData", "bad")] if "evt-7" in ids else []
+        return Result(ids - {"evt-7"}, failed)
+
+
+def test_the_pacer_hears_every_answer_once_splits_and_request_failures_included(tmp_path):
+    from test_delivery import config, metric, run_drain
+
+    from sinksupport import failed_lines, fill
+
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [event(i) for i in range(40)], max_events=10)
+    service = EveryKindOfAnswer()
+    runner = run_drain(config(spool_dir, max_in_flight=2, max_pause_seconds=0.1), sender=service)
+    assert sorted(line["id"] for line in failed_lines(spool_dir)) == ["evt-13", "evt-7"]
+    assert service.requests >= 2 + 6  # a split of 40 events down to one takes 6 halvings
+    # One answer per request, whatever became of its events; one call per batch handed out.
+    assert runner.pacer.answers == runner.pacer.calls == service.requests
+    assert metric(runner, "calls_total") == service.requests
+    assert metric(runner, "throttled_calls_total") == 0
+
+
+def test_a_dry_run_paces_like_a_run_and_records_no_spool_wait(tmp_path):
+    import io
+
+    from test_delivery import config, metric, run_drain
+
+    from sinksupport import fill
+
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [event(i) for i in range(250)], max_events=50)
+    out = io.StringIO()
+    runner = run_drain(config(spool_dir, dry_run=True), out=out)
+    requests = out.getvalue().splitlines()
+    assert len(requests) >= 3
+    assert runner.pacer.answers == runner.pacer.calls == len(requests)
+    assert len(list((spool_dir / "ready").iterdir())) == 5  # nothing deleted...
+    assert metric(runner, "spool_wait_seconds_count") == 0  # ...so no wait to report

@@ -119,3 +119,64 @@ def test_every_record_is_settled_in_exactly_one_place(tmp_path, emulator):
     assert codes == {"InvalidRecipient": 1, "MalformedRecord": 1}
     assert len(quarantined(spool_dir)) == 2  # the string and the array: one run, + reason
 
+
+
+@pytest.mark.timeout(120)
+def test_bytes_crafted_to_make_every_record_search_walk_far_are_read_in_linear_time(tmp_path):
+    """A run of map headers claiming 2**32 entries, each followed by the packed key
+    ``eventData``: every search for the next record tries each header and walks to the end
+    of the data (quadratic: about 20 minutes of CPU for 1 MB before the budget)."""
+    from cloudtrail_sink.delivery import reader as segment_reader
+
+    good = msgpack.packb({"tag": "t", "time": 1, "eventData": event(1)})
+    unit = b"\xdf\xff\xff\xff\xff" + b"\xa9eventData"
+    crafted = b"\xc1" + unit * (256 * 1024 // len(unit))
+    path = tmp_path / "seg"
+    path.write_bytes(good + crafted)
+    budget = segment_reader.Budget.for_size(path.stat().st_size)
+    steps = budget.left
+    with open(path, "rb") as f:
+        out = list(segment_reader.read_segment(f, budget))
+    # The record before the crafted bytes is read; the rest is one run to the end of the file.
+    assert [type(x).__name__ for x in out] == ["Record", "Junk"]
+    assert out[0].value["eventData"] == event(1)
+    assert (out[1].offset, out[1].end) == (len(good), None)
+    assert budget.used <= steps
+
+
+@pytest.mark.timeout(120)
+def test_many_short_bad_stretches_do_not_reread_the_segment_for_each(tmp_path, monkeypatch):
+    """Values msgpack cannot build (a map keyed by an array), each followed by a record: every
+    one makes the reader look at the bytes after it; that reading is charged to the budget, so
+    the read stays linear in the segment's size and accounts for every byte."""
+    from cloudtrail_sink.delivery import reader as segment_reader
+
+    bad = msgpack.packb({(1, 2): 1})
+    good = msgpack.packb({"tag": "t", "eventData": event(1)})
+    path = tmp_path / "seg"
+    path.write_bytes((bad + good) * 20_000)
+    size = path.stat().st_size
+    searched = {"bytes": 0}
+    real_pread = os.pread
+
+    def pread(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        searched["bytes"] += len(data)
+        return data
+
+    monkeypatch.setattr(os, "pread", pread)
+    budget = segment_reader.Budget.for_size(size)
+    steps = budget.left
+    with open(path, "rb") as f:
+        out = list(segment_reader.read_segment(f, budget))
+    assert budget.used <= steps
+    # Linear: the bytes read again to search are bounded by the budget (before it, each bad
+    # value re-read up to 16 MiB after it: 20,000 x the rest of the segment, ~80 GB here).
+    # (plus the one window read when it ran out).
+    assert searched["bytes"] <= segment_reader.BYTES_PER_STEP * steps + spool.MAX_RECORD_BYTES
+    # Every byte in exactly one item, in order; the records found are whole records.
+    ends = [x.offset for x in out[1:]] + [size]
+    assert out[0].offset == 0
+    assert all((x.end if x.end is not None else size) == e for x, e in zip(out, ends))
+    records = [x for x in out if isinstance(x, segment_reader.Record)]
+    assert records and all(r.value["eventData"] == event(1) for r in records)

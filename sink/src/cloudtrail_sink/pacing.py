@@ -46,7 +46,7 @@ in on each other (Chiu and Jain, 1989: AIMD on the rate). The slow increase near
 throttle keeps the share of throttled calls small (one throttle per sink and increase cycle).
 
 Time (``clock``) and randomness (``rand``) are injected; methods take ``now`` so the Batcher and
-the runner pass the time they already read. Thread-safe.
+the settler pass the time they already read. Thread-safe.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class Pacer:
             self._jitter = 1.0 + JITTER * (2.0 * self.rand.random() - 1.0)
             self.calls += 1
 
-    # -- what the runner tells ------------------------------------------------------------------
+    # -- what settle.py tells --------------------------------------------------------------------
     def on_response(self, throttled: bool, now: float) -> None:
         """One answer of the service: ``throttled`` for a request-level throttling error or a 200
         with per-event ``Throttling``."""

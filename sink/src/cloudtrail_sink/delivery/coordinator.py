@@ -1,8 +1,8 @@
 """The running sink: owns the lifecycle, the threads, the signals and the health answers.
 
-Threads: one reader (``reading.SegmentReading``), ``max_in_flight`` sender workers (batcher ->
-sender -> ``settle.Settler``), the watcher's observer and rescan thread, the HTTP status server.
-The calling thread owns the lifecycle.
+Threads: one reader (``reading.SegmentReading``), ``max_in_flight`` sender workers
+(``sending.Sending``: batcher -> sender -> ``settle.Settler``), the watcher's observer and
+rescan thread, the HTTP status server. The calling thread owns the lifecycle.
 
 Guarantees (the product's promise):
 
@@ -19,7 +19,8 @@ Guarantees (the product's promise):
   within ``grace_seconds``, settle their results, exit 0. Unsettled segments stay for next time.
 - ``sink.lock`` (``spool/lock.py``) keeps a second sink off the same spool. ``--dry-run`` takes
   no lock and changes nothing on disk: it is given the dry-run sender and dead-letter printer
-  (``dryrun.py``) and a tracker that deletes nothing.
+  (``dryrun.py``) and a tracker that deletes nothing and reads the ack journals without
+  writing them (so it shows what the next run would send).
 - A segment whose read or deletion fails is logged, counted (``segment_errors_total{stage}``)
   and offered again later (``tracker.py``). A drain that ends with such segments left returns
   :data:`EXIT_INCOMPLETE`, as does a drain not done within ``drain_timeout``.
@@ -43,14 +44,15 @@ from ..config import ConfigError, SinkConfig, parse_listen
 from ..spool.deadletters import DeadLetters
 from ..mappingstatus import STATUS_FILE, MappingsStatus
 from ..metrics import Metrics
-from ..sender import RequestFailed, Sender, make_client
+from ..sender import Sender, make_client
 from ..spool.lock import acquire_lock
 from ..watcher import SegmentQueue, Watcher
 from . import health
 from .dryrun import DRY_RUN_ACCOUNT, DryRunDeadLetters, DryRunSender
 from .journal import remove_orphans
 from .reading import SegmentReading
-from .settle import Settler, unsettled
+from .sending import Sending
+from .settle import Settler
 from .tracker import SegmentTracker
 
 log = logging.getLogger("cloudtrail_sink.runner")
@@ -82,7 +84,7 @@ class Runner:
         self.watcher = Watcher(self.queue, poll=cfg.poll, poll_seconds=cfg.poll_seconds,
                                rescan_seconds=cfg.rescan_seconds)
         self.segments = SegmentTracker(
-            self.queue, None if cfg.dry_run else self.layout.acks, self.layout.failed,
+            self.queue, self.layout.acks, self.layout.failed,
             delete=not cfg.dry_run, on_deleted=self._on_deleted,
             on_error=lambda stage: self.segment_errors.labels(stage).inc(), clock=monotonic,
             before_delete=lambda seg: self.metrics.observe_spool_wait(seg.path, self.clock()))
@@ -115,6 +117,9 @@ class Runner:
                                pause=self.pause, clock=clock, channel_arn=cfg.channel_arn,
                                pacer=self.pacer, monotonic=monotonic)
         self._stop = threading.Event()
+        self.sending = Sending(sender=self.sender, batcher=self.batcher, settler=self.settler,
+                               pause=self.pause, jitter=self.jitter, metrics=self.metrics,
+                               stop=self._stop, monotonic=monotonic)
         self.reading = SegmentReading(
             cfg=cfg, layout=self.layout, queue=self.queue, tracker=self.segments,
             batcher=self.batcher, settler=self.settler, dead_letters=self.dead,
@@ -126,7 +131,6 @@ class Runner:
         self._threads: list[threading.Thread] = []
         self._lock_fd: int | None = None
         self.http = None
-        self.last_success: float | None = None
         self.started = monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -159,7 +163,7 @@ class Runner:
                 self.watcher.start()
             self._spawn(self.reading.run, "sink-reader")
             for i in range(cfg.max_in_flight):
-                self._spawn(self._worker, f"sink-sender-{i}")
+                self._spawn(self.sending.worker, f"sink-sender-{i}")
         except BaseException:
             self.stop()
             raise
@@ -273,7 +277,7 @@ class Runner:
 
     def ready(self) -> tuple[bool, dict]:
         return health.readiness(self.monotonic(), self.segments.pending, self.queue.known(),
-                                self.last_success, self.pause.paused, self.pause.reason)
+                                self.sending.last_success, self.pause.paused, self.pause.reason)
 
     def _oldest_age(self) -> float:
         oldest = self.queue.oldest_sealed_us()
@@ -287,41 +291,3 @@ class Runner:
         self.metrics.deleted.inc()
         log.debug("segment delivered and deleted", extra={"segment": seg.name,
                                                           "events": seg.records})
-
-    # -- sending --------------------------------------------------------------------------------
-    def _wait_pause(self) -> bool:
-        while True:
-            remaining = self.pause.remaining()
-            if remaining <= 0:
-                return not self._stop.is_set()
-            if self._stop.wait(remaining):
-                return False
-
-    def _worker(self) -> None:
-        while self._wait_pause():
-            batch = self.batcher.take()
-            if batch is None:
-                return
-            if not self._wait_pause():
-                return
-            settled: set = set()
-            try:
-                self._send(batch, settled)
-            except Exception:
-                rest = unsettled(batch, settled)
-                log.exception("unexpected error handling a request; its unsettled events will be "
-                              "re-sent", extra={"events": len(batch), "unsettled": len(rest)})
-                if rest:
-                    self.batcher.retry(rest, self.jitter.delay(3))
-
-    def _send(self, batch: list, settled: set) -> None:
-        entries = [it.p.entry() for it in batch]
-        started = self.monotonic()
-        try:
-            outcome = self.sender.send(entries)
-        except RequestFailed as exc:
-            outcome = exc
-        self.metrics.latency.observe(self.monotonic() - started)
-        if not isinstance(outcome, RequestFailed):
-            self.last_success = self.monotonic()
-        self.settler.settle(batch, outcome, settled)

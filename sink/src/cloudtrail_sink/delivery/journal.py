@@ -1,16 +1,23 @@
 """Per-segment acknowledgement journal: what a restarted sink must not send again.
 
 ``acks/<segment name>.acks`` holds one line per settlement, appended with a single ``write``
-(``O_APPEND``), each naming records by their byte offset in the segment:
+(``O_APPEND``), each naming records by their byte offset in the segment and ending with a
+check (CRC-32 of the segment's name and the line, 8 hex digits):
 
-- ``a OFFSET...``: accepted by the service;
-- ``d FILE OFFSET...``: dead-lettered into ``failed/FILE``; written just *before* that file is
-  renamed into place, and only counted when ``failed/FILE`` exists, so a crash between the two
-  neither loses the events nor writes their dead letters twice.
+- ``a OFFSET... CHECK``: accepted by the service;
+- ``d FILE OFFSET... CHECK``: dead-lettered into ``failed/FILE``; written just *before* that
+  file is renamed into place;
+- ``D FILE CHECK``: ``failed/FILE`` was renamed into place (written just after).
 
-:meth:`AckJournal.settled` is what a new read of the segment skips. A line cut short by a crash
-(no newline) is ignored. The journal is removed right after its segment is deleted (a journal
-without its segment is removed at start-up).
+The ``d`` offsets count when ``D`` follows or ``failed/FILE`` exists: a crash between ``d`` and
+the rename neither loses the events nor, after it, writes their dead letters twice, and neither
+does ``failed replay`` taking the file away before the segment is finished.
+
+:meth:`AckJournal.settled` is what a new read of the segment skips. Only lines whose check
+holds count: a line cut short by a crash (no newline), two lines run together after it, a bit
+flip, a stale block of another journal (a power loss) cost duplicates, never skip an event. The
+journal is removed right after its segment is deleted (a journal without its segment is removed
+at start-up).
 
 fsync policy: the journal is never fsynced. A SIGKILL or a crash of the sink loses nothing that
 was written (the page cache survives the process); only a power loss or kernel crash can lose
@@ -24,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import zlib
 
 log = logging.getLogger("cloudtrail_sink.journal")
 
@@ -33,6 +41,7 @@ SUFFIX = ".acks"
 class AckJournal:
     def __init__(self, folder: str, segment: str, failed_dir: str):
         self.path = os.path.join(folder, segment + SUFFIX)
+        self._salt = segment.encode("utf-8", "surrogateescape") + b"\0"
         self.failed_dir = failed_dir
         self._warned = False
         self._fd: int | None = None  # opened at the first line, kept until remove()/close()
@@ -50,30 +59,45 @@ class AckJournal:
                         extra={"journal": self.path, "error": exc.strerror})
             return set()
         out: set[int] = set()
-        exists: dict[str, bool] = {}
+        intents: list[tuple[str, list[int]]] = []
+        published: set[str] = set()
         for line in data.split(b"\n")[:-1]:  # the last piece has no newline: cut short
-            parts = line.split()
+            body, _, check = line.rpartition(b" ")
+            if check != self._check(body):
+                continue  # a damaged or foreign line only costs duplicates
+            parts = body.split()
             try:
                 if parts[0] == b"a":
                     out.update(int(x) for x in parts[1:])
                 elif parts[0] == b"d":
-                    name = os.path.basename(parts[1].decode("ascii"))
-                    if name not in exists:
-                        exists[name] = os.path.isfile(os.path.join(self.failed_dir, name))
-                    if exists[name]:
-                        out.update(int(x) for x in parts[2:])
+                    intents.append((os.path.basename(parts[1].decode("ascii")),
+                                    [int(x) for x in parts[2:]]))
+                elif parts[0] == b"D":
+                    published.add(os.path.basename(parts[1].decode("ascii")))
             except (IndexError, ValueError, UnicodeDecodeError):
-                continue  # a damaged line only costs duplicates
+                continue
+        for name, offsets in intents:
+            if name in published or os.path.isfile(os.path.join(self.failed_dir, name)):
+                out.update(offsets)
         return out
 
+    def _check(self, body: bytes) -> bytes:
+        return b"%08x" % zlib.crc32(self._salt + body)
+
     def accepted(self, offsets: list[int]) -> None:
-        self._append(b"a " + " ".join(map(str, offsets)).encode() + b"\n")
+        self._append(b"a " + " ".join(map(str, offsets)).encode())
 
     def dead_lettered(self, failed_file: str, offsets: list[int]) -> None:
+        """Just before ``failed/failed_file`` is renamed into place."""
         self._append(b"d " + failed_file.encode("ascii") + b" "
-                     + " ".join(map(str, offsets)).encode() + b"\n")
+                     + " ".join(map(str, offsets)).encode())
 
-    def _append(self, line: bytes) -> None:
+    def published(self, failed_file: str) -> None:
+        """Just after ``failed/failed_file`` was renamed into place."""
+        self._append(b"D " + failed_file.encode("ascii"))
+
+    def _append(self, body: bytes) -> None:
+        line = body + b" " + self._check(body) + b"\n"
         try:
             fd = self._fd
             if fd is None:

@@ -9,8 +9,14 @@ Contract of :func:`read_segment` (``f`` an open segment, read from its start):
   loss's run of zero bytes decodes to: one integer per byte), and values msgpack cannot build
   (nested deeper than its stack, unhashable or otherwise impossible map keys), are merged into
   one run ``[offset, end)``: the records after it are still read. Bytes that are not msgpack at
-  all, a record larger than ``spool.MAX_RECORD_BYTES`` or a truncated last record make the run
-  reach the end of the file (``end`` is None): no record boundary after them can be trusted.
+  all are skipped up to the next record found after them (a map holding ``eventData`` that
+  decodes whole). When no record follows, or for a record larger than ``spool.MAX_RECORD_BYTES``
+  or a truncated last record, the run reaches the end of the file (``end`` is None).
+- Time is linear in the segment's size: walking bytes to find a value's end or the next record
+  (and reading bytes to do so, :data:`BYTES_PER_STEP`) costs at most :data:`SEARCH_STEPS_MIN`
+  + :data:`SEARCH_STEPS_PER_BYTE` steps per byte of the segment in all (a :class:`Budget`);
+  bytes that would take more (crafted to make every search walk far) end the read as a run to
+  the end of the file, kept whole in quarantine.
 - Memory is bounded by ``spool.MAX_RECORD_BYTES`` plus one read chunk.
 """
 
@@ -55,6 +61,44 @@ class Junk:
         return f"Junk({self.offset}, {self.end}, {self.error!r})"
 
 
+SEARCH_STEPS_MIN = 1 << 22
+SEARCH_STEPS_PER_BYTE = 32
+# Reading bytes to search them is charged too (a step per this many bytes): a segment of many
+# short bad stretches must not re-read up to 16 MiB for each.
+BYTES_PER_STEP = 16
+
+
+class OutOfBudget(Exception):
+    pass
+
+
+class Budget:
+    """Steps a read may still spend searching: walking values (:func:`extent`) and reading
+    bytes to walk (:data:`BYTES_PER_STEP`); ``used`` so far."""
+
+    def __init__(self, steps: int):
+        self.left = steps
+        self.used = 0
+
+    @classmethod
+    def for_size(cls, size: int) -> "Budget":
+        return cls(SEARCH_STEPS_MIN + SEARCH_STEPS_PER_BYTE * size)
+
+    def charge(self, steps: int) -> None:
+        if steps > self.left:
+            self.used += self.left
+            self.left = 0
+            raise OutOfBudget()
+        self.left -= steps
+        self.used += steps
+
+
+def _window(f: BinaryIO, offset: int, budget: Budget) -> bytes:
+    data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset)
+    budget.charge(len(data) // BYTES_PER_STEP)
+    return data
+
+
 def _unpacker() -> msgpack.Unpacker:
     return msgpack.Unpacker(raw=False, unicode_errors="replace",
                             max_buffer_size=spool.MAX_RECORD_BYTES, strict_map_key=False)
@@ -90,8 +134,10 @@ class _Run:
         return junk
 
 
-def read_segment(f: BinaryIO) -> Iterator[Record | Junk]:
+def read_segment(f: BinaryIO, budget: Budget | None = None) -> Iterator[Record | Junk]:
     """Yield the segment's records and junk runs (see module docstring)."""
+    if budget is None:
+        budget = Budget.for_size(os.fstat(f.fileno()).st_size)
     unpacker = _unpacker()
     run = _Run()
     offset = 0  # file offset of the unpacker's position
@@ -120,13 +166,18 @@ def read_segment(f: BinaryIO) -> Iterator[Record | Junk]:
             yield _tail(run, offset, f"record larger than {spool.MAX_RECORD_BYTES} bytes")
             return
         except Exception as exc:  # StackError, FormatError, TypeError (unhashable key), ...
-            extent = _extent_at(f, offset)
+            try:
+                extent = _extent_at(f, offset, budget)
+                resume = None if extent is not None else _next_record(f, offset, budget)
+            except OutOfBudget:
+                yield _tail(run, offset, "bytes that would take too long to search for records "
+                            f"(over {budget.used} steps)")
+                return
             if extent is not None:
                 # A well-formed value msgpack could not build: skip just it, read on after it.
                 run.add(offset, offset + extent, "value(s) msgpack cannot build")
                 resume = offset + extent
             else:
-                resume = _next_record(f, offset)
                 if resume is None:
                     yield _tail(run, offset, f"bytes that are not msgpack ({type(exc).__name__}"
                                 + (f": {exc})" if str(exc) else ")"))
@@ -155,22 +206,21 @@ def _tail(run: _Run, offset: int, error: str) -> Junk:
     return Junk(offset, None, error)
 
 
-def _extent_at(f: BinaryIO, offset: int) -> int | None:
+def _extent_at(f: BinaryIO, offset: int, budget: Budget) -> int | None:
     """Length of the well-formed msgpack value at ``offset``, or None when there is none
     within ``spool.MAX_RECORD_BYTES`` (bytes that are not msgpack, or a cut value)."""
-    data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset)
-    return extent(data, 0)
+    return extent(_window(f, offset, budget), 0, budget)
 
 
 _KEY = b"\xa9eventData"  # the str "eventData" as every writer packs it
 _HEADER_WINDOW = 4096  # how far before that key a record's map may start (tag, time, id first)
 
 
-def _next_record(f: BinaryIO, offset: int) -> int | None:
+def _next_record(f: BinaryIO, offset: int, budget: Budget) -> int | None:
     """Offset of the first record after ``offset`` (a map holding ``eventData`` that msgpack
     decodes whole), found by looking for the packed key and trying the map headers shortly
     before it; None when there is none within ``spool.MAX_RECORD_BYTES``."""
-    data = os.pread(f.fileno(), spool.MAX_RECORD_BYTES, offset + 1)
+    data = _window(f, offset + 1, budget)
     base = offset + 1
     tried: set[int] = set()
     at = data.find(_KEY)
@@ -180,7 +230,7 @@ def _next_record(f: BinaryIO, offset: int) -> int | None:
             if p in tried or not (0x80 <= t <= 0x8f or t in (0xde, 0xdf)):
                 continue
             tried.add(p)
-            n = extent(data, p)
+            n = extent(data, p, budget)
             if n is None or p + n <= at:
                 continue
             try:
@@ -201,15 +251,23 @@ _SIZED = {0xc4: (1, 2), 0xc5: (2, 3), 0xc6: (4, 5), 0xd9: (1, 2), 0xda: (2, 3), 
           0xc7: (1, 3), 0xc8: (2, 4), 0xc9: (4, 6)}
 
 
-def extent(b: bytes, pos: int) -> int | None:
+def extent(b: bytes, pos: int, budget: Budget | None = None) -> int | None:
     """Bytes taken by the msgpack value at ``b[pos:]`` (walked without recursion or building
-    anything), or None when it is cut short or holds a byte msgpack never uses (0xc1)."""
+    anything), or None when it is cut short or holds a byte msgpack never uses (0xc1). Each
+    step is charged to ``budget``; :class:`OutOfBudget` when it runs out."""
     start = pos
     n = len(b)
     need = 1
+    steps = 0
+    limit = budget.left if budget is not None else -1
     while need:
         if pos >= n:
-            return None
+            break
+        if steps == limit:
+            budget.left = 0
+            budget.used += steps
+            raise OutOfBudget()
+        steps += 1
         t = b[pos]
         need -= 1
         if t <= 0x7f or t >= 0xe0:
@@ -227,15 +285,21 @@ def extent(b: bytes, pos: int) -> int | None:
         elif t in _SIZED:
             width, head = _SIZED[t]
             if pos + 1 + width > n:
-                return None
+                need = -1
+                break
             pos += head + int.from_bytes(b[pos + 1:pos + 1 + width], "big")
         elif t in (0xdc, 0xdd, 0xde, 0xdf):
             width = 2 if t in (0xdc, 0xde) else 4
             if pos + 1 + width > n:
-                return None
+                need = -1
+                break
             count = int.from_bytes(b[pos + 1:pos + 1 + width], "big")
             need += count * (2 if t >= 0xde else 1)
             pos += 1 + width
         else:  # 0xc1: never used
-            return None
-    return pos - start if pos <= n else None
+            need = -1
+            break
+    if budget is not None:
+        budget.left -= steps
+        budget.used += steps
+    return pos - start if need == 0 and pos <= n else None

@@ -14,8 +14,9 @@ aliases included, exactly once, as one of:
 
 :meth:`Settler.dead_letter` is the single dead-letter path (the reader's pre-send refusals use it
 too): one ``failed/`` file per call, each event's segment journal told just before the file
-appears (``delivery/journal.py``), then the tracker finalizes them. It cannot fail on content
-(``spool.deadletters.dump_line``); a disk that refuses it raises ``OSError`` and the caller retries.
+appears and just after (``delivery/journal.py``), then the tracker finalizes them. It cannot
+fail on content (``spool.deadletters.dump_line``); a disk that refuses it raises ``OSError`` and
+the caller retries.
 
 Each event is added to ``settled`` just before it is handed on, so after an unexpected
 exception only the others are retried (a second finalization could complete a segment early).
@@ -211,15 +212,19 @@ class Settler:
                               time_=u.time, id=u.id, event_data=u.event_data, failed_at=now,
                               raw=u.raw) for u in units]
 
-        def intent(name: str) -> None:
-            per_seg: dict = {}
-            for u in units:
+        per_seg: dict = {}
+        for u in units:
+            if u.seg.journal is not None:
                 per_seg.setdefault(u.seg, []).append(u.offset)
+
+        def intent(name: str) -> None:
             for seg, offsets in per_seg.items():
-                if seg.journal is not None:
-                    seg.journal.dead_lettered(name, offsets)
+                seg.journal.dead_lettered(name, offsets)
 
         path = self.dead_letters.write(lines, intent=intent)
+        if path is not None:
+            for seg in per_seg:
+                seg.journal.published(os.path.basename(path))
         for code, n in collections.Counter(u.code for u in units).items():
             self.metrics.failed.labels(code).inc(n)
         return path

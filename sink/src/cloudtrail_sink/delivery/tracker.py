@@ -70,8 +70,10 @@ class SegmentTracker:
                  clock: Callable[[], float] = time.monotonic,
                  before_delete: Callable[[Segment], None] = lambda seg: None):
         self.queue = queue
-        self.before_delete = before_delete  # e.g. how long the segment waited (its mtime)
-        self.acks_dir = acks_dir  # None: no journal (dry run)
+        # Told once per settled segment, before its first deletion attempt (not in a dry run):
+        # e.g. how long the segment waited (its mtime).
+        self.before_delete = before_delete
+        self.acks_dir = acks_dir  # None: no journal; read, never written, when not deleting
         self.failed_dir = failed_dir
         self.delete = delete  # False: a dry run deletes nothing
         self.on_deleted = on_deleted
@@ -90,10 +92,11 @@ class SegmentTracker:
 
     # -- reading --------------------------------------------------------------------------------
     def open(self, name: str, path: str) -> tuple[Segment, set[int]]:
-        """Start tracking a segment; returns it and the offsets already settled before."""
+        """Start tracking a segment; returns it and the offsets already settled before (a dry
+        run reads them too, so it shows what the next run would send, and writes nothing)."""
         journal = (AckJournal(self.acks_dir, name, self.failed_dir)
                    if self.acks_dir is not None else None)
-        seg = Segment(name, path, journal)
+        seg = Segment(name, path, journal if self.delete else None)
         with self._cond:
             self.open_segments[name] = seg
         return seg, (journal.settled() if journal is not None else set())
@@ -105,8 +108,8 @@ class SegmentTracker:
         if path is None:
             return False
         seg = Segment(name, path, AckJournal(self.acks_dir, name, self.failed_dir)
-                      if self.acks_dir is not None else None)
-        self._complete(seg)
+                      if self.acks_dir is not None and self.delete else None)
+        self._complete(seg, retried=True)
         return True
 
     def add(self, seg: Segment, n: int = 1) -> None:
@@ -188,13 +191,14 @@ class SegmentTracker:
             return True
         return False
 
-    def _complete(self, seg: Segment) -> None:
+    def _complete(self, seg: Segment, retried: bool = False) -> None:
         if self.delete:
             try:
                 with self._delete_lock:
                     if self._no_deletes:
                         return  # stopped: the next sink on this spool settles it again
-                    self.before_delete(seg)
+                    if not retried:  # once per segment, not per deletion attempt
+                        self.before_delete(seg)
                     os.unlink(seg.path)
             except FileNotFoundError:
                 pass
