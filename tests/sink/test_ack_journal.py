@@ -5,13 +5,16 @@ again after a restart, even when ``failed replay`` has since taken their file.""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import subprocess
 import sys
+import threading
 
 from cloudtrail_sink.delivery import reader as segment_reader
 from cloudtrail_sink.delivery.coordinator import Runner
 from cloudtrail_sink.delivery.journal import AckJournal
+from cloudtrail_sink.sender import Result
 
 from sinksupport import drain_config, event, failed_lines, fill, run_drain, wait_for
 from test_crash_acks import CrashingService
@@ -125,3 +128,56 @@ def test_a_dry_run_shows_only_what_the_next_run_would_send(tmp_path):
     # ...and it changed nothing: the journal and the segment are as they were.
     assert (acks / (seg + ".acks")).read_bytes() == before
     assert os.listdir(spool_dir / "ready") == [seg]
+
+
+class AcceptEvenUids:
+    """Accepts events whose UID number is even and fails the others with a retryable code, so
+    every segment stays open, partly settled, its journal written."""
+
+    def __init__(self):
+        self.stored: list[str] = []
+        self.lock = threading.Lock()
+
+    def send(self, entries):
+        uids = [json.loads(e["eventData"])["UID"] for e in entries]
+        with self.lock:
+            self.stored += uids
+        return Result({e["id"] for e, u in zip(entries, uids) if int(u[4:]) % 2 == 0},
+                      [(e["id"], "InternalFailure", "try again")
+                       for e, u in zip(entries, uids) if int(u[4:]) % 2])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_open_partly_settled_segments_hold_no_journal_descriptors(tmp_path):
+    spool_dir = tmp_path / "spool"
+    n = 1200
+    fill(spool_dir, [event(i) for i in range(n)], max_events=2)  # 600 segments of 2 events
+    acks = spool_dir / "acks"
+    before = open_fds()
+    first = AcceptEvenUids()
+    runner = Runner(drain_config(spool_dir, drain=False, max_in_flight=2, max_batch_events=100,
+                                 max_pending_events=n), sender=first)
+    runner.start()
+    try:
+        # Every segment open, its even event accepted and journalled, the odd one retried.
+        wait_for(lambda: os.path.isdir(acks) and len(os.listdir(acks)) == n // 2, timeout=60)
+        assert len(runner.segments.open_segments) == n // 2
+        # A descriptor per open journal would be 600 here; the sink's own sockets, spool
+        # lock and watcher are a handful.
+        assert open_fds() - before < 30
+    finally:
+        runner.stop()  # a crash: the odd events are still unsettled
+        for t in runner._threads:
+            t.join(10)
+    assert len(os.listdir(spool_dir / "ready")) == n // 2
+
+    second = CrashingService(answer=None)
+    run_drain(drain_config(spool_dir), sender=second)
+    # Nothing lost, and what the first run had accepted is not sent again.
+    assert sorted(second.stored) == sorted(f"evt-{i}" for i in range(1, n, 2))
+    assert set(first.stored) | set(second.stored) == {f"evt-{i}" for i in range(n)}
+    assert os.listdir(spool_dir / "ready") == [] and os.listdir(acks) == []
+    assert open_fds() - before < 30

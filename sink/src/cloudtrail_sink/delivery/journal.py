@@ -19,6 +19,11 @@ flip, a stale block of another journal (a power loss) cost duplicates, never ski
 journal is removed right after its segment is deleted (a journal without its segment is removed
 at start-up).
 
+File descriptors: each line is written by opening the journal, one ``write`` and closing it, so
+no descriptor is held between lines. Open segments are bounded by the pending limit, not by
+count: hundreds of small, partly settled segments would otherwise each hold one. A line is one
+per request per segment, and the open and close add about 2 us of CPU to it (docs/benchmarks.md).
+
 fsync policy: the journal is never fsynced. A SIGKILL or a crash of the sink loses nothing that
 was written (the page cache survives the process); only a power loss or kernel crash can lose
 recent lines, and then those events are sent again (at least once still holds). An fsync per
@@ -30,12 +35,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import zlib
 
 log = logging.getLogger("cloudtrail_sink.journal")
 
 SUFFIX = ".acks"
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class AckJournal:
@@ -44,8 +49,6 @@ class AckJournal:
         self._salt = segment.encode("utf-8", "surrogateescape") + b"\0"
         self.failed_dir = failed_dir
         self._warned = False
-        self._fd: int | None = None  # opened at the first line, kept until remove()/close()
-        self._lock = threading.Lock()
 
     def settled(self) -> set[int]:
         """Offsets of the records already accepted or dead-lettered (their file exists)."""
@@ -99,15 +102,12 @@ class AckJournal:
     def _append(self, body: bytes) -> None:
         line = body + b" " + self._check(body) + b"\n"
         try:
-            fd = self._fd
-            if fd is None:
-                with self._lock:
-                    if self._fd is None:
-                        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                           | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
-                    fd = self._fd
-            # One write per line on an O_APPEND descriptor: sender threads never interleave.
-            os.write(fd, line)
+            fd = os.open(self.path, _APPEND_FLAGS, 0o640)
+            try:
+                # One write per line with O_APPEND: sender threads never interleave.
+                os.write(fd, line)
+            finally:
+                os.close(fd)
         except OSError as exc:
             if not self._warned:
                 self._warned = True
@@ -115,17 +115,7 @@ class AckJournal:
                             "settled events would be sent again",
                             extra={"journal": self.path, "error": exc.strerror})
 
-    def close(self) -> None:
-        with self._lock:
-            fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
-
     def remove(self) -> None:
-        self.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
