@@ -181,3 +181,42 @@ def test_many_open_partly_settled_segments_hold_no_journal_descriptors(tmp_path)
     assert set(first.stored) | set(second.stored) == {f"evt-{i}" for i in range(n)}
     assert os.listdir(spool_dir / "ready") == [] and os.listdir(acks) == []
     assert open_fds() - before < 30
+
+
+def test_a_segment_settled_by_one_request_writes_no_journal(tmp_path, monkeypatch):
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [event(i) for i in range(50)], max_events=5)  # 10 segments, one request
+    acks = str(spool_dir / "acks")
+    real_open, opened = os.open, []
+
+    def counting_open(path, *a, **kw):
+        if os.path.dirname(os.fspath(path)) == acks:
+            opened.append(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    service = CrashingService(answer=None)
+    run_drain(drain_config(spool_dir, max_batch_events=100, linger_ms=200), sender=service)
+    assert sorted(service.stored) == sorted(f"evt-{i}" for i in range(50))
+    # The acceptance that completes a segment is followed by its deletion: not journalled.
+    assert opened == [] and os.listdir(spool_dir / "ready") == []
+
+
+def test_a_completing_acceptance_is_journalled_when_the_segment_cannot_be_deleted(
+        tmp_path, monkeypatch):
+    from cloudtrail_sink.delivery.coordinator import EXIT_INCOMPLETE
+    from test_failure_recovery import failing_deletes
+
+    spool_dir = tmp_path / "spool"
+    [name] = fill(spool_dir, [event(i) for i in range(5)])
+    with monkeypatch.context() as m:
+        failing_deletes(m, spool_dir / "ready", times=1000)
+        first = CrashingService(answer=None)
+        run_drain(drain_config(spool_dir), rc=EXIT_INCOMPLETE, sender=first)
+    assert sorted(first.stored) == sorted(f"evt-{i}" for i in range(5))
+    assert os.listdir(spool_dir / "ready") == [name]
+    # The next sink finds the segment settled: it sends nothing again and deletes it.
+    second = CrashingService(answer=None)
+    run_drain(drain_config(spool_dir), sender=second)
+    assert second.stored == []
+    assert os.listdir(spool_dir / "ready") == [] and os.listdir(spool_dir / "acks") == []
