@@ -1,6 +1,8 @@
 """The ack journal (``acks/``) when it is damaged or outlived by its dead letters: a damaged
 or foreign line costs duplicates, never an event; dead letters already written are not written
-again after a restart, even when ``failed replay`` has since taken their file."""
+again after a restart, even when ``failed replay`` has since taken their file; many open
+segments hold a bounded number of descriptors; a segment's completing acceptance is journalled
+only when the segment stays on disk."""
 
 from __future__ import annotations
 
