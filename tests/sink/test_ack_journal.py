@@ -1,17 +1,22 @@
 """The ack journal (``acks/``) when it is damaged or outlived by its dead letters: a damaged
 or foreign line costs duplicates, never an event; dead letters already written are not written
-again after a restart, even when ``failed replay`` has since taken their file."""
+again after a restart, even when ``failed replay`` has since taken their file; many open
+segments hold a bounded number of descriptors; a segment's completing acceptance is journalled
+only when the segment stays on disk."""
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import subprocess
 import sys
+import threading
 
 from cloudtrail_sink.delivery import reader as segment_reader
 from cloudtrail_sink.delivery.coordinator import Runner
-from cloudtrail_sink.delivery.journal import AckJournal
+from cloudtrail_sink.delivery.journal import OPEN_JOURNALS, AckJournal
+from cloudtrail_sink.sender import Result
 
 from sinksupport import drain_config, event, failed_lines, fill, run_drain, wait_for
 from test_crash_acks import CrashingService
@@ -125,3 +130,95 @@ def test_a_dry_run_shows_only_what_the_next_run_would_send(tmp_path):
     # ...and it changed nothing: the journal and the segment are as they were.
     assert (acks / (seg + ".acks")).read_bytes() == before
     assert os.listdir(spool_dir / "ready") == [seg]
+
+
+class AcceptEvenUids:
+    """Accepts events whose UID number is even and fails the others with a retryable code, so
+    every segment stays open, partly settled, its journal written."""
+
+    def __init__(self):
+        self.stored: list[str] = []
+        self.lock = threading.Lock()
+
+    def send(self, entries):
+        uids = [json.loads(e["eventData"])["UID"] for e in entries]
+        with self.lock:
+            self.stored += uids
+        return Result({e["id"] for e, u in zip(entries, uids) if int(u[4:]) % 2 == 0},
+                      [(e["id"], "InternalFailure", "try again")
+                       for e, u in zip(entries, uids) if int(u[4:]) % 2])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_open_partly_settled_segments_hold_no_journal_descriptors(tmp_path):
+    spool_dir = tmp_path / "spool"
+    n = 1200
+    fill(spool_dir, [event(i) for i in range(n)], max_events=2)  # 600 segments of 2 events
+    acks = spool_dir / "acks"
+    before = open_fds()
+    first = AcceptEvenUids()
+    runner = Runner(drain_config(spool_dir, drain=False, max_in_flight=2, max_batch_events=100,
+                                 max_pending_events=n), sender=first)
+    runner.start()
+    try:
+        # Every segment open, its even event accepted and journalled, the odd one retried.
+        wait_for(lambda: os.path.isdir(acks) and len(os.listdir(acks)) == n // 2, timeout=60)
+        assert len(runner.segments.open_segments) == n // 2
+        # A descriptor per open journal would be 600 here: at most OPEN_JOURNALS are kept
+        # (plus one per sender writing), and the spool lock and watcher are a handful.
+        assert open_fds() - before < OPEN_JOURNALS + 14
+    finally:
+        runner.stop()  # a crash: the odd events are still unsettled
+        for t in runner._threads:
+            t.join(10)
+    assert len(os.listdir(spool_dir / "ready")) == n // 2
+
+    second = CrashingService(answer=None)
+    run_drain(drain_config(spool_dir), sender=second)
+    # Nothing lost, and what the first run had accepted is not sent again.
+    assert sorted(second.stored) == sorted(f"evt-{i}" for i in range(1, n, 2))
+    assert set(first.stored) | set(second.stored) == {f"evt-{i}" for i in range(n)}
+    assert os.listdir(spool_dir / "ready") == [] and os.listdir(acks) == []
+    assert open_fds() - before < 30
+
+
+def test_a_segment_settled_by_one_request_writes_no_journal(tmp_path, monkeypatch):
+    spool_dir = tmp_path / "spool"
+    fill(spool_dir, [event(i) for i in range(50)], max_events=5)  # 10 segments, one request
+    acks = str(spool_dir / "acks")
+    real_open, opened = os.open, []
+
+    def counting_open(path, *a, **kw):
+        if os.path.dirname(os.fspath(path)) == acks:
+            opened.append(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    service = CrashingService(answer=None)
+    run_drain(drain_config(spool_dir, max_batch_events=100, linger_ms=200), sender=service)
+    assert sorted(service.stored) == sorted(f"evt-{i}" for i in range(50))
+    # The acceptance that completes a segment is followed by its deletion: not journalled.
+    assert opened == [] and os.listdir(spool_dir / "ready") == []
+
+
+def test_a_completing_acceptance_is_journalled_when_the_segment_cannot_be_deleted(
+        tmp_path, monkeypatch):
+    from cloudtrail_sink.delivery.coordinator import EXIT_INCOMPLETE
+    from test_failure_recovery import failing_deletes
+
+    spool_dir = tmp_path / "spool"
+    [name] = fill(spool_dir, [event(i) for i in range(5)])
+    with monkeypatch.context() as m:
+        failing_deletes(m, spool_dir / "ready", times=1000)
+        first = CrashingService(answer=None)
+        run_drain(drain_config(spool_dir), rc=EXIT_INCOMPLETE, sender=first)
+    assert sorted(first.stored) == sorted(f"evt-{i}" for i in range(5))
+    assert os.listdir(spool_dir / "ready") == [name]
+    # The next sink finds the segment settled: it sends nothing again and deletes it.
+    second = CrashingService(answer=None)
+    run_drain(drain_config(spool_dir), sender=second)
+    assert second.stored == []
+    assert os.listdir(spool_dir / "ready") == [] and os.listdir(spool_dir / "acks") == []

@@ -139,6 +139,7 @@ def read_segment(f: BinaryIO, budget: Budget | None = None) -> Iterator[Record |
     if budget is None:
         budget = Budget.for_size(os.fstat(f.fileno()).st_size)
     unpacker = _unpacker()
+    tell = unpacker.tell
     run = _Run()
     offset = 0  # file offset of the unpacker's position
     base = 0  # file offset the current unpacker started at
@@ -154,7 +155,7 @@ def read_segment(f: BinaryIO, budget: Budget | None = None) -> Iterator[Record |
                 return
         try:
             for obj in unpacker:
-                end = base + unpacker.tell()
+                end = base + tell()
                 if obj.__class__ is dict:
                     if run.start is not None:
                         yield run.take()
@@ -188,6 +189,7 @@ def read_segment(f: BinaryIO, budget: Budget | None = None) -> Iterator[Record |
             f.seek(offset)
             size = offset
             unpacker = _unpacker()
+            tell = unpacker.tell
             continue
         if not chunk:
             break

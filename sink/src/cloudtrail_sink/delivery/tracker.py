@@ -8,7 +8,10 @@ Contract:
   :meth:`read_done` when the segment was read to its end (or to its quarantined tail).
 - Whoever settles an event calls :meth:`accepted` (after a ``successful[]`` entry: its offset
   goes to the journal first) or :meth:`dead_lettered` (after its ``failed/`` file was renamed
-  into place). Nothing else finalizes.
+  into place). Nothing else finalizes. The acceptance that completes a segment is not
+  journalled, since the segment is deleted right after it (a one-request segment never gets a
+  journal file); if the deletion then does not happen (it fails, or deleting was stopped), the
+  line is written before the segment is left.
 - When a segment was read completely and nothing of it is outstanding, it is deleted exactly
   once, then its journal, then the queue forgets it. A deletion that fails is logged and
   retried: the segment is released to the queue and the next time it is popped only its
@@ -48,7 +51,8 @@ def read_retry_seconds(failures: int) -> float:
 
 
 class Segment:
-    __slots__ = ("name", "path", "outstanding", "records", "read_complete", "done", "journal")
+    __slots__ = ("name", "path", "outstanding", "records", "read_complete", "done", "journal",
+                 "unjournalled")
 
     def __init__(self, name: str, path: str, journal: AckJournal | None = None):
         self.name = name
@@ -58,6 +62,7 @@ class Segment:
         self.records = 0
         self.read_complete = False
         self.done = False
+        self.unjournalled: list[int] | None = None  # the completing acceptance's offsets
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Segment({self.name!r}, outstanding={self.outstanding}, read={self.read_complete})"
@@ -165,7 +170,14 @@ class SegmentTracker:
     def accepted(self, seg: Segment, offsets: list[int]) -> None:
         """These events of ``seg`` were accepted by the service."""
         if seg.journal is not None:
-            seg.journal.accepted(offsets)
+            with self._cond:
+                # Only these offsets are outstanding and no more will be added: this completes
+                # the segment, which _complete deletes (or journals them if it cannot).
+                completes = seg.read_complete and seg.outstanding == len(offsets)
+            if completes:
+                seg.unjournalled = offsets
+            else:
+                seg.journal.accepted(offsets)
         self._finalize(seg, len(offsets))
 
     def dead_lettered(self, seg: Segment, n: int) -> None:
@@ -196,6 +208,7 @@ class SegmentTracker:
             try:
                 with self._delete_lock:
                     if self._no_deletes:
+                        self._journal_unjournalled(seg)
                         return  # stopped: the next sink on this spool settles it again
                     if not retried:  # once per segment, not per deletion attempt
                         self.before_delete(seg)
@@ -204,6 +217,7 @@ class SegmentTracker:
                 pass
             except OSError as exc:
                 # Settled, but still on disk: a later pop only retries the deletion.
+                self._journal_unjournalled(seg)
                 self._undeleted[seg.name] = seg.path
                 self.queue.release(seg.name, RETRY_FAILED_SEGMENT_SECONDS)
                 self.on_error("delete")
@@ -216,6 +230,14 @@ class SegmentTracker:
             self._read_failures.pop(seg.name, None)
             self.on_deleted(seg)
         self.queue.done(seg.name)
+
+    @staticmethod
+    def _journal_unjournalled(seg: Segment) -> None:
+        """The segment stays on disk after all: journal the acceptance that completed it, so
+        the next read skips those events."""
+        if seg.journal is not None and seg.unjournalled:
+            seg.journal.accepted(seg.unjournalled)
+            seg.unjournalled = None
 
     # -- state ----------------------------------------------------------------------------------
     def stop_deleting(self) -> None:
