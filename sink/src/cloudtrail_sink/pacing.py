@@ -45,6 +45,13 @@ increase is the same for every sink, so the shares of sinks that see the same co
 in on each other (Chiu and Jain, 1989: AIMD on the rate). The slow increase near a recent
 throttle keeps the share of throttled calls small (one throttle per sink and increase cycle).
 
+What it cannot avoid: a sink learns of the quota only from its own throttled calls, so when
+``n`` unpaced sinks start at once against ``Q`` calls/s, about ``n - Q`` of them are throttled in
+the first seconds, and the sinks not throttled then keep calling unpaced until their own first
+throttle. In the benchmark's case (40 sinks, 10 calls/s, 60 s) that start-up is one to two
+throttled calls per sink, most of the run's throttled share (other first reactions, holds,
+returns and jitters tried against it: ``docs/benchmarks.md``).
+
 Time (``clock``) and randomness (``rand``) are injected; methods take ``now`` so the Batcher and
 the settler pass the time they already read. Thread-safe.
 """
