@@ -211,11 +211,12 @@ def build(record: Any, account_id: str | None, max_entry_bytes: int | None = Non
           ) -> Prepared | Rejected:
     """Run the pre-send path for one decoded spool record."""
     eid = event_id(record)
-    if not isinstance(record, dict) or not isinstance(record.get("eventData"), dict):
+    data = record.get("eventData") if isinstance(record, dict) else None
+    if not isinstance(data, dict):
         what = type(record).__name__ if not isinstance(record, dict) else "a map without an eventData map"
         return Rejected(eid, "MalformedRecord", f"sink: segment entry is {what}, not an event map",
-                        record.get("eventData") if isinstance(record, dict) else record)
-    data = prepare(record["eventData"], account_id)
+                        data if isinstance(record, dict) else record)
+    data = prepare(data, account_id)
     try:
         raw = dumps(data)
     except (TypeError, ValueError, RecursionError) as exc:  # JSONEncodeError is a TypeError
@@ -234,7 +235,8 @@ def build(record: Any, account_id: str | None, max_entry_bytes: int | None = Non
     check = checksum(raw)
     wire = entry_wire(eid, text, check, raw)
     size = len(wire)
-    if max_entry_bytes is not None and request_size([size]) > max_entry_bytes:
+    # request_size([size]), without a list per event
+    if max_entry_bytes is not None and REQUEST_OVERHEAD + size > max_entry_bytes:
         return Rejected(eid, "FieldTooLong", f"sink: event takes {size} bytes on the wire; a "
                         f"request may carry at most {max_entry_bytes}", data)
     return Prepared(eid, text, check, wire)

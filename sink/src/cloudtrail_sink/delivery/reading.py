@@ -113,6 +113,7 @@ class SegmentReading:
         account = self.account_id
         max_bytes = self.cfg.max_request_bytes
         tracker, batcher, build, Prepared = self.tracker, self.batcher, events.build, events.Prepared
+        hand_on_every = HAND_ON_EVERY
 
         def hand_on() -> None:
             # Counted before the batcher sees them, so nothing can be settled before it is
@@ -133,7 +134,8 @@ class SegmentReading:
                 if settled and entry.offset in settled:
                     continue  # accepted or dead-lettered by a sink before this one
                 record = entry.value
-                if tracker.pending + len(ready) >= limit or len(ready) >= HAND_ON_EVERY:
+                queued = len(ready)
+                if queued >= hand_on_every or tracker.pending + queued >= limit:
                     hand_on()
                     if tracker.pending >= limit and refused:
                         # Refused events count as pending and only this thread settles them:
