@@ -1,7 +1,8 @@
 """Throttle-aware pacing (cloudtrail_sink.pacing) with the clock and randomness injected: the
 interval grows under throttling, shrinks back when it stops, never delays a full batch, never
 exceeds its maximum; the call-rate ceiling holds; pacers sharing one quota converge to fair
-shares; the Batcher uses the pacer's interval as the linger of a batch that is not full."""
+shares; the Batcher uses the pacer's interval as the linger of a batch that is not full; a
+throttled batch, full or not, comes back on the pacing interval (except while draining)."""
 
 from __future__ import annotations
 
@@ -332,6 +333,72 @@ def test_batcher_honours_the_ceiling_for_full_batches():
     assert len(b.take(timeout=0)) == 10
     assert b.take(timeout=0) is None  # full, but the ceiling is 2 calls/s
     clock.t += 0.5
+    assert len(b.take(timeout=0)) == 10
+
+
+def paced_settling(clock: FakeClock):
+    """A Batcher (10 events a batch) and the Settler that hands throttled batches back to it,
+    sharing one pacer, all on ``clock``."""
+    from cloudtrail_sink.backoff import FullJitter, Pause
+    from cloudtrail_sink.delivery.settle import Settler
+    from cloudtrail_sink.metrics import Metrics
+
+    p = Pacer(10.0, 0.0, clock=clock, rand=random.Random(3))
+    b = Batcher(max_events=10, max_bytes=999_000, linger=0.2, clock=clock, pacer=p)
+    settler = Settler(tracker=None, batcher=b, dead_letters=None, metrics=Metrics(),
+                      jitter=FullJitter(base=0.1, cap=20.0, rand=random.Random(4)),
+                      pause=Pause(clock=clock, rand=random.Random(5)), clock=clock,
+                      channel_arn=CHANNEL_ARN, pacer=p, monotonic=clock)
+    return p, b, settler
+
+
+THROTTLED_ANSWERS = {
+    "request-level": lambda batch: RequestFailed("retry", "ThrottlingException", "Rate exceeded",
+                                                 400),
+    "per-event": lambda batch: Result(set(), [(it.p.id, "Throttling", "slow down")
+                                              for it in batch]),
+}
+
+
+@pytest.mark.parametrize("answer", sorted(THROTTLED_ANSWERS))
+def test_a_throttled_full_batch_comes_back_on_the_pacing_interval_not_on_the_backoff(answer):
+    clock = FakeClock(100.0)
+    p, b, settler = paced_settling(clock)
+    for i in range(10):
+        b.add(batch_item(i))
+    batch = b.take(timeout=0)
+    assert len(batch) == 10  # full: goes at once
+    clock.t += 0.05
+    settler.settle(batch, THROTTLED_ANSWERS[answer](batch), set())
+    assert p.interval >= pacing.MIN_START
+    due = p.wait(clock.t, full=False)  # when a batch that is not full could go
+    assert due >= (1 - pacing.JITTER) * pacing.MIN_START - 0.05
+    # The backoff alone (at most 0.1 s on a first retry) would have re-sent it by now.
+    clock.t += 1.0
+    assert b.take(timeout=0) is None
+    clock.t += due - 1.0 - 0.01
+    assert b.take(timeout=0) is None
+    clock.t += 0.01
+    again = b.take(timeout=0)
+    assert sorted(it.p.id for it in again) == sorted(it.p.id for it in batch)
+    assert all(it.attempts == 1 for it in again)
+    # A fresh full batch still never waits for the interval, even right after a call.
+    for i in range(10, 20):
+        b.add(batch_item(i))
+    assert len(b.take(timeout=0)) == 10
+    assert p.calls == 3
+
+
+def test_a_drain_retries_a_throttled_batch_on_the_backoff_alone():
+    clock = FakeClock(100.0)
+    p, b, settler = paced_settling(clock)
+    b.flush()  # draining: nothing waits for the interval
+    for i in range(10):
+        b.add(batch_item(i))
+    batch = b.take(timeout=0)
+    settler.settle(batch, THROTTLED_ANSWERS["request-level"](batch), set())
+    assert p.interval >= pacing.MIN_START
+    clock.t += 0.1  # the first retry's backoff is at most 0.1 s
     assert len(b.take(timeout=0)) == 10
 
 
