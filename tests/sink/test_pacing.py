@@ -203,9 +203,9 @@ def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
     and holding ``backlog`` events at the start, sharing one quota; a throttled batch's events
     come back after the runner's backoff (within a second) or, with ``retry_floor`` (the
     settler's rule), no earlier than the pacer lets a batch that is not full go; then they wait
-    for the pacer like any batch (a full one only for the floor). Returns per-sink accepted calls and events
-    in the second half, the share of throttled calls, the events never delivered and when each
-    call and each throttled call was made."""
+    for the pacer like any batch (a full one only for the floor). Returns per-sink accepted
+    calls and events in the second half, the share of throttled calls, the events never
+    delivered and when each call and each throttled call was made."""
     rnd = random.Random(seed)
     clock = FakeClock(0.0)
     pacers = [Pacer(10.0 if paced else 0.0, 0.0, clock=clock, rand=random.Random(seed + i))
