@@ -1,7 +1,8 @@
 """Throttle-aware pacing (cloudtrail_sink.pacing) with the clock and randomness injected: the
 interval grows under throttling, shrinks back when it stops, never delays a full batch, never
 exceeds its maximum; the call-rate ceiling holds; pacers sharing one quota converge to fair
-shares; the Batcher uses the pacer's interval as the linger of a batch that is not full."""
+shares; the Batcher uses the pacer's interval as the linger of a batch that is not full; a
+throttled batch, full or not, comes back on the pacing interval (except while draining)."""
 
 from __future__ import annotations
 
@@ -196,21 +197,24 @@ class SharedQuota:
 
 
 def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
-             per_second: int = 5, step: float = 0.02, linger: float = 0.2):
-    """``n`` sinks, each sealing a segment of ``per_second`` events every second (out of step),
-    sharing one quota; a throttled batch's events come back within a second (the runner's
-    retry), then wait for the pacer like any batch. Returns per-sink accepted calls and events
-    in the second half, the share of throttled calls, the events never delivered and when each
-    call and each throttled call was made."""
+             per_second: int = 5, step: float = 0.02, linger: float = 0.2, backlog: int = 0,
+             retry_floor: bool = True):
+    """``n`` sinks, each sealing a segment of ``per_second`` events every second (out of step)
+    and holding ``backlog`` events at the start, sharing one quota; a throttled batch's events
+    come back after the runner's backoff (within a second) or, with ``retry_floor`` (the
+    settler's rule), no earlier than the pacer lets a batch that is not full go; then they wait
+    for the pacer like any batch (a full one only for the floor). Returns per-sink accepted
+    calls and events in the second half, the share of throttled calls, the events never
+    delivered and when each call and each throttled call was made."""
     rnd = random.Random(seed)
     clock = FakeClock(0.0)
     pacers = [Pacer(10.0 if paced else 0.0, 0.0, clock=clock, rand=random.Random(seed + i))
               for i in range(n)]
     quota_ = SharedQuota(quota)
     next_seal = [rnd.random() for _ in range(n)]
-    pending = [[] for _ in range(n)]  # [since, count] oldest first
+    pending = [[[0.0, backlog]] if backlog else [] for _ in range(n)]  # [since, count]
     retry = [[] for _ in range(n)]  # [due, count]
-    written = delivered = calls = throttled = 0
+    written, delivered, calls, throttled = n * backlog, 0, 0, 0
     call_times, throttle_times = [], []
     late_calls = [0] * n
     late_events = [0] * n
@@ -251,8 +255,10 @@ def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
             else:
                 throttled += 1
                 throttle_times.append(now)
-                pacers[i].on_response(True, now + step / 2)
-                retry[i].append([now + rnd.random(), take])
+                answered = now + step / 2
+                pacers[i].on_response(True, answered)
+                floor = pacers[i].wait(answered, False) if retry_floor else 0.0
+                retry[i].append([answered + max(rnd.random(), floor), take])
     return {"late_calls": late_calls, "late_events": late_events,
             "throttled_share": throttled / calls, "lost": written - delivered,
             "intervals": [p.interval for p in pacers], "call_times": call_times,
@@ -295,6 +301,20 @@ def test_forty_sinks_starting_at_once_stay_within_the_issue_targets():
     assert late_throttled <= 0.03 * late_calls
 
 
+def test_sinks_with_full_backlogs_retry_on_their_pacing_not_in_a_storm():
+    # The same 40 sinks, each starting with 100 events waiting (a restart after an outage, or
+    # a backlog grown during the start-up): every batch is full, so only the settler's floor on
+    # a throttled batch's retry paces them. Without it their retries follow the backoff alone
+    # and feed each other (about 19% of calls throttled over these seeds); with it the run
+    # stays within the issue's 10%.
+    runs = [simulate(40, 10.0, 60.0, paced=True, seed=seed, backlog=100) for seed in range(8)]
+    assert all(r["lost"] == 0 for r in runs)
+    assert sum(r["throttled_share"] for r in runs) / len(runs) <= 0.10
+    storm = [simulate(40, 10.0, 60.0, paced=True, seed=seed, backlog=100, retry_floor=False)
+             for seed in range(8)]
+    assert sum(r["throttled_share"] for r in storm) / len(storm) > 0.15
+
+
 def batch_item(i: int) -> Item:
     built = events.build({"eventData": event(i)}, ACCOUNT)
     assert isinstance(built, events.Prepared)
@@ -332,6 +352,72 @@ def test_batcher_honours_the_ceiling_for_full_batches():
     assert len(b.take(timeout=0)) == 10
     assert b.take(timeout=0) is None  # full, but the ceiling is 2 calls/s
     clock.t += 0.5
+    assert len(b.take(timeout=0)) == 10
+
+
+def paced_settling(clock: FakeClock):
+    """A Batcher (10 events a batch) and the Settler that hands throttled batches back to it,
+    sharing one pacer, all on ``clock``."""
+    from cloudtrail_sink.backoff import FullJitter, Pause
+    from cloudtrail_sink.delivery.settle import Settler
+    from cloudtrail_sink.metrics import Metrics
+
+    p = Pacer(10.0, 0.0, clock=clock, rand=random.Random(3))
+    b = Batcher(max_events=10, max_bytes=999_000, linger=0.2, clock=clock, pacer=p)
+    settler = Settler(tracker=None, batcher=b, dead_letters=None, metrics=Metrics(),
+                      jitter=FullJitter(base=0.1, cap=20.0, rand=random.Random(4)),
+                      pause=Pause(clock=clock, rand=random.Random(5)), clock=clock,
+                      channel_arn=CHANNEL_ARN, pacer=p, monotonic=clock)
+    return p, b, settler
+
+
+THROTTLED_ANSWERS = {
+    "request-level": lambda batch: RequestFailed("retry", "ThrottlingException", "Rate exceeded",
+                                                 400),
+    "per-event": lambda batch: Result(set(), [(it.p.id, "Throttling", "slow down")
+                                              for it in batch]),
+}
+
+
+@pytest.mark.parametrize("answer", sorted(THROTTLED_ANSWERS))
+def test_a_throttled_full_batch_comes_back_on_the_pacing_interval_not_on_the_backoff(answer):
+    clock = FakeClock(100.0)
+    p, b, settler = paced_settling(clock)
+    for i in range(10):
+        b.add(batch_item(i))
+    batch = b.take(timeout=0)
+    assert len(batch) == 10  # full: goes at once
+    clock.t += 0.05
+    settler.settle(batch, THROTTLED_ANSWERS[answer](batch), set())
+    assert p.interval >= pacing.MIN_START
+    due = p.wait(clock.t, full=False)  # when a batch that is not full could go
+    assert due >= (1 - pacing.JITTER) * pacing.MIN_START - 0.05
+    # The backoff alone (at most 0.1 s on a first retry) would have re-sent it by now.
+    clock.t += 1.0
+    assert b.take(timeout=0) is None
+    clock.t += due - 1.0 - 0.01
+    assert b.take(timeout=0) is None
+    clock.t += 0.01
+    again = b.take(timeout=0)
+    assert sorted(it.p.id for it in again) == sorted(it.p.id for it in batch)
+    assert all(it.attempts == 1 for it in again)
+    # A fresh full batch still never waits for the interval, even right after a call.
+    for i in range(10, 20):
+        b.add(batch_item(i))
+    assert len(b.take(timeout=0)) == 10
+    assert p.calls == 3
+
+
+def test_a_drain_retries_a_throttled_batch_on_the_backoff_alone():
+    clock = FakeClock(100.0)
+    p, b, settler = paced_settling(clock)
+    b.flush()  # draining: nothing waits for the interval
+    for i in range(10):
+        b.add(batch_item(i))
+    batch = b.take(timeout=0)
+    settler.settle(batch, THROTTLED_ANSWERS["request-level"](batch), set())
+    assert p.interval >= pacing.MIN_START
+    clock.t += 0.1  # the first retry's backoff is at most 0.1 s
     assert len(b.take(timeout=0)) == 10
 
 

@@ -112,6 +112,11 @@ class Batcher:
             self._flush = on
             self._cond.notify_all()
 
+    @property
+    def flushing(self) -> bool:
+        """Whether partial batches are being handed out at once (drain, shutdown)."""
+        return self._flush
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

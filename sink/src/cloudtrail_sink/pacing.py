@@ -19,6 +19,13 @@ The gate (:meth:`Pacer.wait`), for the call about to be formed at time ``now``:
 So pacing adds at most ``max_delay`` seconds to an event (plus ``1/M`` with a ceiling), and a
 batch that is full is never held for the interval: under load the sink sends full calls at once.
 
+**Retries after a throttle** (``delivery/settle.py``): the events of a throttled answer go back
+to the Batcher due no earlier than ``wait(now, full=False)`` at the answer (``last_call + I * j``
+with ``I`` already increased), or after their backoff if later, full or not: a sink whose
+backlog makes full batches retries them once per interval instead of on the backoff alone
+(0.1 s, doubling), which let throttled full batches feed each other. Not while the Batcher
+flushes (drain, shutdown): those never wait for ``I``.
+
 The control law (:meth:`Pacer.on_response`, one signal per answer: a request-level
 ``ThrottlingException`` or a 200 whose ``failed[]`` holds per-event ``Throttling`` is
 *throttled*; any other answer is not):

@@ -9,6 +9,10 @@ aliases included, exactly once, as one of:
 - **retry after a delay**: per-event ``Throttling``/``InternalFailure``, an event the answer does
   not mention, a request-level ``retry`` (throttling, 5xx, network) or a ``pause`` (channel or
   credentials: the whole of delivery waits, capped and doubling): handed back to the batcher;
+  after a *throttled* answer (``pacing.is_throttled``) with a pacer, the delay is at least the
+  pacer's wait for a not-full call (``Pacer.wait(now, False)``, taken after the pacer heard the
+  answer), so a throttled batch comes back on its sink's pacing interval even when it is full
+  (not while the batcher flushes for a drain or shutdown, which never waits for the interval);
 - **split**: a request refused as a whole as invalid is halved until the event at fault is alone;
 - **dead-letter**: a permanent per-event code, or a lone event refused as invalid.
 
@@ -33,6 +37,7 @@ import time
 from typing import Any
 
 from ..batcher import Item
+from ..pacing import is_throttled
 from ..spool.deadletters import failure_line
 from ..sender import RETRYABLE_EVENT_CODES, RequestFailed, Result
 
@@ -100,10 +105,14 @@ class Settler:
     # -- the outcome of a request ---------------------------------------------------------------
     def settle(self, batch: list[Item], outcome: Result | RequestFailed, settled: set) -> None:
         """Settle every event of ``batch`` after ``outcome`` (see module docstring)."""
+        floor = 0.0  # a throttled answer's retries wait at least this long (the pacing)
         if self.pacer is not None:
-            self.pacer.on_result(outcome, self.monotonic())
+            now = self.monotonic()
+            self.pacer.on_result(outcome, now)
+            if is_throttled(outcome) and not self.batcher.flushing:
+                floor = self.pacer.wait(now, False)
         if isinstance(outcome, RequestFailed):
-            self._request_failed(batch, outcome, settled)
+            self._request_failed(batch, outcome, settled, floor)
             return
         self.metrics.batch.observe(len(batch))
         if self.pause.paused:
@@ -133,7 +142,7 @@ class Settler:
                 it.attempts += 1
                 self.metrics.retried.labels(code).inc()
                 settled.update(it.all())
-                self.batcher.retry([it], self.jitter.delay(it.attempts - 1))
+                self.batcher.retry([it], max(floor, self.jitter.delay(it.attempts - 1)))
             else:
                 dead.append((it, problem[0], problem[1]))
         if dead:
@@ -144,13 +153,14 @@ class Settler:
         if n_delivered:
             self.metrics.delivered.inc(n_delivered)
 
-    def _request_failed(self, batch: list[Item], exc: RequestFailed, settled: set) -> None:
+    def _request_failed(self, batch: list[Item], exc: RequestFailed, settled: set,
+                        floor: float = 0.0) -> None:
         self.metrics.requests.labels(exc.kind).inc()
         if exc.kind == "retry":
             attempt = max(it.attempts for it in batch)
             for it in batch:
                 it.attempts += 1
-            delay = self.jitter.delay(attempt)
+            delay = max(floor, self.jitter.delay(attempt))
             log.log(logging.INFO if attempt < 3 else logging.WARNING,
                     "request failed; retrying", extra={"code": exc.code, "status": exc.status,
                                                        "events": len(batch), "attempt": attempt + 1,
