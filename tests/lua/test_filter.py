@@ -344,8 +344,9 @@ def test_spool_writer_without_flock_in_libc_still_spools(tmp_path):
     assert os.listdir(tmp_path / "tmp") == []
 
 
-def test_records_a_drop_rule_takes_are_counted_in_the_log_not_rejected(lua_filter, spool,
-                                                                       tmp_path, capfd):
+def stage_rules(tmp_path, extra_rules: str = "", event_extra: str = "") -> str:
+    """Compiled rules: a drop: rule for the RequestReceived stage of kube.* records, then
+    ``extra_rules``, then a rule mapping the rest; returns the compiled file's path."""
     from cloudtrail_sink.mappings import compile_files
     src = tmp_path / "stages.yaml"
     src.write_text(
@@ -353,6 +354,7 @@ def test_records_a_drop_rule_takes_are_counted_in_the_log_not_rejected(lua_filte
         "  - name: not-final\n"
         "    match: {tag: 'kube.*', fields: {$stage: {one_of: [RequestReceived]}}}\n"
         "    drop: not the final stage\n"
+        + extra_rules +
         "  - name: audit\n"
         "    match: {tag: 'kube.*'}\n"
         "    oversize: truncate\n"
@@ -360,10 +362,16 @@ def test_records_a_drop_rule_takes_are_counted_in_the_log_not_rejected(lua_filte
         "      userIdentity: {type: T, principalId: $user}\n"
         "      eventSource: k8s.io\n"
         "      eventName: $verb\n"
-        "      recipientAccountId: '123456789012'\n")
+        + event_extra)
     rules = tmp_path / "stages.lua"
     rules.write_text(compile_files([src]).lua_text())
-    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=str(rules))
+    return str(rules)
+
+
+def test_records_a_drop_rule_takes_are_counted_in_the_log_not_rejected(lua_filter, spool,
+                                                                       tmp_path, capfd):
+    rules = stage_rules(tmp_path, event_extra="      recipientAccountId: '123456789012'\n")
+    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=rules)
     for _ in range(3):
         assert f.call("kube.audit", START, {"stage": "RequestReceived", "user": "u",
                                             "verb": "get"}) == (-1, START, None)
@@ -385,26 +393,11 @@ def test_records_a_drop_rule_takes_are_counted_per_rule_in_the_status_file(lua_f
     """The log line is rate-limited and its repeat count only appears with the next line; the
     status file is where a user sees how many records each drop: rule took."""
     import json
-    from cloudtrail_sink.mappings import compile_files
-    src = tmp_path / "stages.yaml"
-    src.write_text(
-        "rules:\n"
-        "  - name: not-final\n"
-        "    match: {tag: 'kube.*', fields: {$stage: {one_of: [RequestReceived]}}}\n"
-        "    drop: not the final stage\n"
+    rules = stage_rules(tmp_path, extra_rules=(
         "  - name: noise\n"
         "    match: {tag: 'noise.*'}\n"
-        "    drop: health checks\n"
-        "  - name: audit\n"
-        "    match: {tag: 'kube.*'}\n"
-        "    oversize: truncate\n"
-        "    event:\n"
-        "      userIdentity: {type: T, principalId: $user}\n"
-        "      eventSource: k8s.io\n"
-        "      eventName: $verb\n")
-    rules = tmp_path / "stages.lua"
-    rules.write_text(compile_files([src]).lua_text())
-    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=str(rules))
+        "    drop: health checks\n"))
+    f = lua_filter(real_mapper=True, CLOUDTRAIL_MAPPINGS=rules)
 
     def status():
         return json.loads((spool / "mappings-status.json").read_text())
