@@ -112,6 +112,22 @@ def test_interval_shrinks_back_to_no_pacing_when_throttling_stops():
     assert 0.0 < p2.interval < 10.0
 
 
+def test_at_the_maximum_the_jittered_waits_stay_spread_not_piled_up_at_it():
+    # Sinks throttled in the same second all reach the maximum interval; if their jittered
+    # waits were clipped at the maximum, half of them would return exactly together (with the
+    # full batches their backlog made meanwhile) and be throttled together again.
+    waits = []
+    for seed in range(400):
+        p, clock = pacer(max_delay=10.0, seed=seed)
+        assert throttle(p, clock, times=2, spacing=5.0)[-1] == 10.0
+        p.on_call(clock.t)
+        waits.append(p.wait(clock.t, full=False))
+    assert all(10.0 / 3 - 1e-9 <= w <= 10.0 + 1e-9 for w in waits)
+    at_the_max = sum(1 for w in waits if w > 9.9)
+    assert at_the_max <= 0.03 * len(waits)  # clipped: about half of them
+    assert min(waits) < 4.0 and max(waits) > 9.0  # spread over the whole range
+
+
 def test_a_full_batch_never_waits_for_the_interval():
     p, clock = pacer(max_delay=10.0)
     throttle(p, clock, 6, spacing=6.0)
@@ -391,7 +407,7 @@ def test_a_throttled_full_batch_comes_back_on_the_pacing_interval_not_on_the_bac
     settler.settle(batch, THROTTLED_ANSWERS[answer](batch), set())
     assert p.interval >= pacing.MIN_START
     due = p.wait(clock.t, full=False)  # when a batch that is not full could go
-    assert due >= (1 - pacing.JITTER) * pacing.MIN_START - 0.05
+    assert due >= (1 - pacing.JITTER) * min(pacing.MIN_START, 10.0 / (1 + pacing.JITTER)) - 0.05
     # The backoff alone (at most 0.1 s on a first retry) would have re-sent it by now.
     clock.t += 1.0
     assert b.take(timeout=0) is None
