@@ -1,5 +1,5 @@
 """After a crash, a restarted sink sends again only what was in flight, and dead-letters
-nothing twice (the per-segment ack journal, ``acks/``)."""
+nothing twice (the sink's ack journal, ``acks/``)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ from ..spool.lock import acquire_lock
 from ..watcher import SegmentQueue, Watcher
 from . import health
 from .dryrun import DRY_RUN_ACCOUNT, DryRunDeadLetters, DryRunSender
-from .journal import remove_orphans
+from .journal import Journal
 from .reading import SegmentReading
 from .sending import Sending
 from .settle import Settler
@@ -83,8 +83,11 @@ class Runner:
                                   stale_tmp_seconds=cfg.stale_tmp_seconds, clock=clock)
         self.watcher = Watcher(self.queue, poll=cfg.poll, poll_seconds=cfg.poll_seconds,
                                rescan_seconds=cfg.rescan_seconds)
+        # Loaded at start (under the spool lock); a dry run reads it and writes nothing.
+        self.journal = Journal(self.layout.acks, self.layout.ready, self.layout.failed,
+                               writable=not cfg.dry_run, clock=clock)
         self.segments = SegmentTracker(
-            self.queue, self.layout.acks, self.layout.failed,
+            self.queue, self.journal,
             delete=not cfg.dry_run, on_deleted=self._on_deleted,
             on_error=lambda stage: self.segment_errors.labels(stage).inc(), clock=monotonic,
             before_delete=lambda seg: self.metrics.observe_spool_wait(seg.path, self.clock()))
@@ -119,7 +122,7 @@ class Runner:
         self._stop = threading.Event()
         self.sending = Sending(sender=self.sender, batcher=self.batcher, settler=self.settler,
                                pause=self.pause, jitter=self.jitter, metrics=self.metrics,
-                               stop=self._stop, monotonic=monotonic)
+                               stop=self._stop, monotonic=monotonic, workers=cfg.max_in_flight)
         self.reading = SegmentReading(
             cfg=cfg, layout=self.layout, queue=self.queue, tracker=self.segments,
             batcher=self.batcher, settler=self.settler, dead_letters=self.dead,
@@ -141,7 +144,7 @@ class Runner:
         try:
             if not cfg.dry_run:
                 spool.ensure_acks(self.layout)
-                remove_orphans(self.layout.acks, self.layout.ready)
+            self.journal.load()
             if cfg.listen and not cfg.dry_run:
                 from ..httpserver import StatusServer
                 host, port = parse_listen(cfg.listen)
@@ -163,7 +166,7 @@ class Runner:
                 self.watcher.start()
             self._spawn(self.reading.run, "sink-reader")
             for i in range(cfg.max_in_flight):
-                self._spawn(self.sending.worker, f"sink-sender-{i}")
+                self._spawn(lambda k=i: self.sending.worker(k), f"sink-sender-{i}")
         except BaseException:
             self.stop()
             raise
@@ -243,6 +246,7 @@ class Runner:
         self._stop.set()
         self.queue.close()
         self.batcher.close()
+        self.sending.close()
         deadline = self.monotonic() + self.cfg.grace_seconds
         for t in self._threads:
             t.join(max(0.0, deadline - self.monotonic()))
@@ -256,6 +260,7 @@ class Runner:
             self.http.stop()
             self.http = None
         self.segments.stop_deleting()
+        self.journal.close()  # a sender thread outliving the grace period journals nothing
         if self._own_client is not None:
             try:
                 self._own_client.close()

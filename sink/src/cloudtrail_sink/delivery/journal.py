@@ -1,184 +1,340 @@
-"""Per-segment acknowledgement journal: what a restarted sink must not send again.
+"""The sink's acknowledgement journal: what a restarted sink must not send again.
 
-``acks/<segment name>.acks`` holds one line per settlement, appended with a single ``write``
-(``O_APPEND``), each naming records by their byte offset in the segment and ending with a
-check (CRC-32 of the segment's name and the line, 8 hex digits):
+One journal per sink, appended by every sender thread: ``acks/<STAMP>-<NONCE>.journal``
+(``STAMP``: nanoseconds since the epoch at its creation, 20 digits, so names sort by age;
+``NONCE``: 8 random hex digits). One line per settlement, appended with a single ``write``
+(``O_APPEND``), naming records by their byte offset in their segment and ending with a check
+(CRC-32 of the file's name, a NUL and the line, 8 hex digits):
 
-- ``a OFFSET... CHECK``: accepted by the service;
-- ``d FILE OFFSET... CHECK``: dead-lettered into ``failed/FILE``; written just *before* that
+- ``a SEG OFFSET... CHECK``: accepted by the service;
+- ``d SEG FILE OFFSET... CHECK``: dead-lettered into ``failed/FILE``; written just *before* that
   file is renamed into place;
-- ``D FILE CHECK``: ``failed/FILE`` was renamed into place (written just after).
+- ``D FILE CHECK``: ``failed/FILE`` was renamed into place (written just after);
+- ``s SEG OFFSET... CHECK``: settled before this journal was started (carried over at start).
 
-The ``d`` offsets count when ``D`` follows or ``failed/FILE`` exists: a crash between ``d`` and
-the rename neither loses the events nor, after it, writes their dead letters twice, and neither
-does ``failed replay`` taking the file away before the segment is finished.
+``SEG`` is the segment's file name, percent-encoded (RFC 3986 unreserved characters stay as
+they are, which is every character of the names writers give), so any name is one token.
 
-:meth:`AckJournal.settled` is what a new read of the segment skips. Only lines whose check
-holds count: a line cut short by a crash (no newline), two lines run together after it, a bit
-flip, a stale block of another journal (a power loss) cost duplicates, never skip an event. The
-journal is removed right after its segment is deleted (a journal without its segment is removed
-at start-up).
+The ``d`` offsets count when ``D`` follows (in any journal file) or ``failed/FILE`` exists: a
+crash between ``d`` and the rename neither loses the events nor, after it, writes their dead
+letters twice, and neither does ``failed replay`` taking the file away before the segment is
+finished. Only lines whose check holds count: a line cut short by a crash (no newline), two
+lines run together after it, a bit flip, a stale block of another file (a power loss) cost
+duplicates, never skip an event.
 
-File descriptors: at most :data:`OPEN_JOURNALS` journals are kept open, shared by all
-segments, the least recently written closed first (plus one per sender thread writing at that
-moment). Open segments are bounded by the pending limit, not by count: hundreds of small, partly
-settled segments would otherwise each hold one. Opening and closing per line instead would cost
-two more system calls per request, each letting other threads take the GIL: about 0.4 us of
-CPU per event in the sink (docs/benchmarks.md).
+Life of the files:
+
+- **Start** (:meth:`Journal.load`, by the sink holding the spool lock): every journal file is
+  read (and every ``<segment>.acks`` file of the per-segment journals of earlier versions, whose
+  checks are salted with the segment's name); the offsets settled per segment still in
+  ``ready/`` are kept in memory, for :meth:`Journal.settled`. A new journal file is started with
+  one ``s`` line per such segment, then the files read are removed: the journal on disk never
+  holds more than the settled offsets of the segments still there, plus this run's lines.
+- **Run**: a journal file that has grown past :data:`ROTATE_BYTES` is followed by a new one;
+  a file that is no longer written is removed once every segment it names was deleted
+  (:meth:`Journal.forget`, called right after a segment's deletion).
+- **Stop** (:meth:`Journal.close`): when no segment named in any journal file is left, the
+  files are removed (a drained spool keeps an empty ``acks/``).
+- A dry run loads the journal without writing or removing anything (``writable=False``).
+
+Costs, and why one journal per sink: the per-segment journals of earlier versions cost a file
+created and removed per segment, which ext4 charges about 0.3 ms of system time each (several
+microseconds per event at 500 events a segment). Here a settlement costs one ``write`` of a
+line; files are created and removed per :data:`ROTATE_BYTES` of lines.
 
 fsync policy: the journal is never fsynced. A SIGKILL or a crash of the sink loses nothing that
 was written (the page cache survives the process); only a power loss or kernel crash can lose
 recent lines, and then those events are sent again (at least once still holds). An fsync per
 request would cost more than the request itself on many disks. A journal that cannot be written
-(full disk) is logged and costs only duplicates after a crash, never an event.
+(full disk) is logged once and costs only duplicates after a crash, never an event.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
+import secrets
 import threading
+import time
 import zlib
+from typing import Callable, Iterable
+from urllib.parse import quote, unquote_to_bytes
 
 log = logging.getLogger("cloudtrail_sink.journal")
 
-SUFFIX = ".acks"
-_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-OPEN_JOURNALS = 16
+SUFFIX = ".journal"
+OLD_SUFFIX = ".acks"  # per-segment journals of earlier versions: <segment name>.acks
+ROTATE_BYTES = 4 << 20
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
-class _Descriptors:
-    """Open journal descriptors by path, at most ``cap`` kept, least recently used closed first.
-
-    A writer takes its path's descriptor out while it writes, so no other thread closes it
-    meanwhile; two threads writing one journal at once each use their own."""
-
-    def __init__(self, cap: int):
-        self.cap = cap
-        self._open: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def append(self, path: str, line: bytes) -> None:
-        with self._lock:
-            fd = self._open.pop(path, None)
-        if fd is None:
-            fd = os.open(path, _APPEND_FLAGS, 0o640)
-        try:
-            # One write per line with O_APPEND: sender threads never interleave.
-            os.write(fd, line)
-        except BaseException:
-            os.close(fd)
-            raise
-        with self._lock:
-            close = [self._open.pop(path)] if path in self._open else []
-            self._open[path] = fd
-            while len(self._open) > self.cap:
-                close.append(self._open.popitem(last=False)[1])
-        for other in close:
-            os.close(other)
-
-    def forget(self, path: str) -> None:
-        with self._lock:
-            fd = self._open.pop(path, None)
-        if fd is not None:
-            os.close(fd)
+def _seg_token(name: str) -> bytes:
+    return quote(name.encode("utf-8", "surrogateescape"), safe="").encode("ascii")
 
 
-_descriptors = _Descriptors(OPEN_JOURNALS)
+def _seg_name(token: bytes) -> str:
+    return unquote_to_bytes(token).decode("utf-8", "surrogateescape")
 
 
-class AckJournal:
-    def __init__(self, folder: str, segment: str, failed_dir: str):
-        self.path = os.path.join(folder, segment + SUFFIX)
-        self._salt = segment.encode("utf-8", "surrogateescape") + b"\0"
-        self.failed_dir = failed_dir
-        self._warned = False
+def _check(salt: bytes, body: bytes) -> bytes:
+    return b"%08x" % zlib.crc32(salt + body)
 
-    def settled(self) -> set[int]:
-        """Offsets of the records already accepted or dead-lettered (their file exists)."""
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return set()
-        except OSError as exc:
-            log.warning("cannot read an ack journal; its segment's events are sent again",
-                        extra={"journal": self.path, "error": exc.strerror})
-            return set()
-        out: set[int] = set()
-        intents: list[tuple[str, list[int]]] = []
-        published: set[str] = set()
+
+class _Lines:
+    """What journal files say, gathered: offsets per segment, dead-letter intents, publications."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[str, set[int]] = {}
+        self.intents: list[tuple[str, str, list[int]]] = []  # (segment, failed file, offsets)
+        self.published: set[str] = set()
+
+    def read(self, data: bytes, salt: bytes, segment: str | None = None,
+             wanted: Callable[[str], bool] = lambda name: True) -> None:
+        """Lines of one file; ``segment``: an old per-segment journal (no ``SEG`` token)."""
         for line in data.split(b"\n")[:-1]:  # the last piece has no newline: cut short
             body, _, check = line.rpartition(b" ")
-            if check != self._check(body):
+            if check != _check(salt, body):
                 continue  # a damaged or foreign line only costs duplicates
             parts = body.split()
             try:
-                if parts[0] == b"a":
-                    out.update(int(x) for x in parts[1:])
-                elif parts[0] == b"d":
-                    intents.append((os.path.basename(parts[1].decode("ascii")),
-                                    [int(x) for x in parts[2:]]))
-                elif parts[0] == b"D":
-                    published.add(os.path.basename(parts[1].decode("ascii")))
+                kind = parts[0]
+                if kind == b"D":
+                    self.published.add(os.path.basename(parts[1].decode("ascii")))
+                    continue
+                if segment is None:
+                    name, rest = _seg_name(parts[1]), parts[2:]
+                else:
+                    name, rest = segment, parts[1:]
+                if not wanted(name):
+                    continue
+                if kind in (b"a", b"s"):
+                    self.offsets.setdefault(name, set()).update(int(x) for x in rest)
+                elif kind == b"d":
+                    self.intents.append((name, os.path.basename(rest[0].decode("ascii")),
+                                         [int(x) for x in rest[1:]]))
             except (IndexError, ValueError, UnicodeDecodeError):
                 continue
-        for name, offsets in intents:
-            if name in published or os.path.isfile(os.path.join(self.failed_dir, name)):
-                out.update(offsets)
+
+    def settled(self, failed_dir: str) -> dict[str, set[int]]:
+        out = self.offsets
+        for name, failed_file, offsets in self.intents:
+            if failed_file in self.published or os.path.isfile(
+                    os.path.join(failed_dir, failed_file)):
+                out.setdefault(name, set()).update(offsets)
         return out
 
-    def _check(self, body: bytes) -> bytes:
-        return b"%08x" % zlib.crc32(self._salt + body)
 
-    def accepted(self, offsets: list[int]) -> None:
-        self._append(b"a " + " ".join(map(str, offsets)).encode())
+class _File:
+    """One journal file: its path, its check salt, the segments its lines name."""
 
-    def dead_lettered(self, failed_file: str, offsets: list[int]) -> None:
+    __slots__ = ("path", "salt", "segments", "size")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.salt = os.path.basename(path).encode("ascii") + b"\0"
+        self.segments: set[str] = set()
+        self.size = 0
+
+
+class Journal:
+    """The sink-wide ack journal in ``folder`` (see the module docstring). Thread-safe."""
+
+    def __init__(self, folder: str, ready: str, failed_dir: str, *, writable: bool = True,
+                 clock: Callable[[], float] = time.time, token: Callable[[], str] | None = None):
+        self.folder = folder
+        self.ready = ready
+        self.failed_dir = failed_dir
+        self.writable = writable
+        self.clock = clock
+        self.token = token or (lambda: secrets.token_hex(4))
+        self._lock = threading.Lock()
+        self._settled: dict[str, set[int]] = {}  # from before this run, until first opened
+        self._opened: set[str] = set()  # segments opened in this run (a re-read scans files)
+        self._current: _File | None = None
+        self._fd: int | None = None
+        self._files: list[_File] = []  # files no longer written, each until its segments go
+        self._warned = False
+
+    # -- start and stop -------------------------------------------------------------------------
+    def load(self) -> None:
+        """Read what earlier sinks journalled; when writable, carry it into a new file and
+        remove the files read."""
+        found = self._journal_files()
+        in_ready = set(self._listdir(self.ready))
+        lines = self._read(found, in_ready.__contains__)
+        self._settled = {k: v for k, v in lines.settled(self.failed_dir).items() if v}
+        if not self.writable:
+            return
+        try:
+            with self._lock:
+                self._start_file()
+                for name, offsets in self._settled.items():
+                    self._append_locked(b"s " + _seg_token(name) + b" "
+                                        + " ".join(map(str, sorted(offsets))).encode(), name)
+        except OSError as exc:
+            self._cannot_write(exc)
+            return  # the files read stay: nothing they say is lost
+        for path in found:
+            self._unlink(path)
+
+    def close(self) -> None:
+        """Stop writing; remove the files when no segment they name is left."""
+        with self._lock:
+            files = self._files + ([self._current] if self._current is not None else [])
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._current = None
+            self._files = [f for f in files if f.segments]
+            if not self.writable or self._files:
+                return
+        for f in files:
+            self._unlink(f.path)
+
+    # -- what the tracker asks and tells -----------------------------------------------------------
+    def settled(self, segment: str) -> set[int]:
+        """Offsets of ``segment``'s records already accepted or dead-lettered."""
+        with self._lock:
+            if segment not in self._opened:
+                self._opened.add(segment)
+                return self._settled.pop(segment, set())
+            paths = [f.path for f in self._files] + (
+                [self._current.path] if self._current is not None else [])
+        # Read again in this run (its first read failed): what this run journalled counts too.
+        return self._read(paths, segment.__eq__).settled(self.failed_dir).get(segment, set())
+
+    def accepted(self, segment: str, offsets: Iterable[int]) -> None:
+        self._append(b"a " + _seg_token(segment) + b" " + " ".join(map(str, offsets)).encode(),
+                     segment)
+
+    def dead_lettered(self, segment: str, failed_file: str, offsets: Iterable[int]) -> None:
         """Just before ``failed/failed_file`` is renamed into place."""
-        self._append(b"d " + failed_file.encode("ascii") + b" "
-                     + " ".join(map(str, offsets)).encode())
+        self._append(b"d " + _seg_token(segment) + b" " + failed_file.encode("ascii") + b" "
+                     + " ".join(map(str, offsets)).encode(), segment)
 
     def published(self, failed_file: str) -> None:
         """Just after ``failed/failed_file`` was renamed into place."""
-        self._append(b"D " + failed_file.encode("ascii"))
+        self._append(b"D " + failed_file.encode("ascii"), None)
 
-    def _append(self, body: bytes) -> None:
-        line = body + b" " + self._check(body) + b"\n"
+    def forget(self, segment: str) -> None:
+        """``segment`` was deleted: files that name only deleted segments are removed."""
+        gone = []
+        with self._lock:
+            self._opened.discard(segment)
+            self._settled.pop(segment, None)
+            if self._current is not None:
+                self._current.segments.discard(segment)
+            keep = []
+            for f in self._files:
+                f.segments.discard(segment)
+                (keep if f.segments else gone).append(f)
+            self._files = keep
+        for f in gone:
+            self._unlink(f.path)
+
+    # -- files ----------------------------------------------------------------------------------
+    def _append(self, body: bytes, segment: str | None) -> None:
+        if not self.writable:
+            return
         try:
-            _descriptors.append(self.path, line)
+            with self._lock:
+                self._append_locked(body, segment)
         except OSError as exc:
-            if not self._warned:
-                self._warned = True
-                log.warning("cannot write the ack journal; after a crash this segment's "
-                            "settled events would be sent again",
-                            extra={"journal": self.path, "error": exc.strerror})
+            self._cannot_write(exc)
 
-    def remove(self) -> None:
-        _descriptors.forget(self.path)
+    def _append_locked(self, body: bytes, segment: str | None) -> None:
+        f = self._current
+        if f is None:
+            return  # the journal could not be started: duplicates after a crash, nothing else
+        line = body + b" " + _check(f.salt, body) + b"\n"
+        # Under the lock: a rotation never closes the descriptor while a thread writes to it.
+        os.write(self._fd, line)
+        f.size += len(line)
+        if segment is not None:
+            f.segments.add(segment)
+        if f.size >= ROTATE_BYTES:
+            self._rotate_locked()
+
+    def _rotate_locked(self) -> None:
+        old, fd = self._current, self._fd
+        self._start_file()
+        os.close(fd)
+        if old.segments:
+            self._files.append(old)
+        else:
+            self._unlink(old.path)
+
+    def _start_file(self) -> None:
+        name = f"{int(self.clock() * 1e9):020d}-{self.token()}{SUFFIX}"
+        path = os.path.join(self.folder, name)
+        self._fd = os.open(path, _APPEND_FLAGS, 0o640)
+        self._current = _File(path)
+
+    def _journal_files(self) -> list[str]:
+        names = sorted(n for n in self._listdir(self.folder)
+                       if n.endswith(SUFFIX) or n.endswith(OLD_SUFFIX))
+        return [os.path.join(self.folder, n) for n in names]
+
+    def _read(self, paths: list[str], wanted: Callable[[str], bool]) -> _Lines:
+        lines = _Lines()
+        for path in paths:
+            name = os.path.basename(path)
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot read an ack journal; the events it lists are sent again",
+                            extra={"journal": path, "error": exc.strerror})
+                continue
+            if name.endswith(OLD_SUFFIX):
+                segment = name[:-len(OLD_SUFFIX)]
+                lines.read(data, segment.encode("utf-8", "surrogateescape") + b"\0", segment,
+                           wanted)
+            else:
+                lines.read(data, name.encode("utf-8", "surrogateescape") + b"\0", None, wanted)
+        return lines
+
+    @staticmethod
+    def _listdir(path: str) -> list[str]:
         try:
-            os.unlink(self.path)
+            return os.listdir(path)
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("cannot remove an ack journal", extra={"journal": self.path,
-                                                              "error": exc.strerror})
+            log.warning("cannot remove an ack journal file", extra={"journal": path,
+                                                                   "error": exc.strerror})
+
+    def _cannot_write(self, exc: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("cannot write the ack journal; after a crash, settled events of "
+                        "unfinished segments would be sent again",
+                        extra={"journal": self.folder, "error": exc.strerror})
 
 
-def remove_orphans(folder: str, ready: str) -> int:
-    """Remove journals whose segment is gone from ``ready/``; returns how many."""
-    removed = 0
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        if name.endswith(SUFFIX) and not os.path.lexists(
-                os.path.join(ready, name[:-len(SUFFIX)])):
-            try:
-                os.unlink(os.path.join(folder, name))
-                removed += 1
-            except OSError:
-                pass
-    return removed
+class SegmentJournal:
+    """The journal as one segment's settlements see it."""
+
+    __slots__ = ("journal", "segment")
+
+    def __init__(self, journal: Journal, segment: str):
+        self.journal = journal
+        self.segment = segment
+
+    def accepted(self, offsets: Iterable[int]) -> None:
+        self.journal.accepted(self.segment, offsets)
+
+    def dead_lettered(self, failed_file: str, offsets: Iterable[int]) -> None:
+        self.journal.dead_lettered(self.segment, failed_file, offsets)
+
+    def published(self, failed_file: str) -> None:
+        self.journal.published(failed_file)

@@ -232,9 +232,8 @@ class Settler:
                 seg.journal.dead_lettered(name, offsets)
 
         path = self.dead_letters.write(lines, intent=intent)
-        if path is not None:
-            for seg in per_seg:
-                seg.journal.published(os.path.basename(path))
+        if path is not None and per_seg:
+            next(iter(per_seg)).journal.published(os.path.basename(path))  # one sink journal
         for code, n in collections.Counter(u.code for u in units).items():
             self.metrics.failed.labels(code).inc(n)
         return path

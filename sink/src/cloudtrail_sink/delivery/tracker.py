@@ -2,8 +2,8 @@
 
 Contract:
 
-- The reader calls :meth:`SegmentTracker.open` for a segment (it comes with the segment's ack
-  journal and the offsets a previous sink already settled, which the reader skips),
+- The reader calls :meth:`SegmentTracker.open` for a segment (it comes with its view of the
+  sink's ack journal and the offsets a previous sink already settled, which the reader skips),
   :meth:`add` once per record it hands on (to the batcher or to the dead-letter writer) and
   :meth:`read_done` when the segment was read to its end (or to its quarantined tail).
 - Whoever settles an event calls :meth:`accepted` (after a ``successful[]`` entry: its offset
@@ -13,7 +13,7 @@ Contract:
   journal file); if the deletion then does not happen (it fails, or deleting was stopped), the
   line is written before the segment is left.
 - When a segment was read completely and nothing of it is outstanding, it is deleted exactly
-  once, then its journal, then the queue forgets it. A deletion that fails is logged and
+  once, then the journal forgets it (``Journal.forget``), then the queue forgets it. A deletion that fails is logged and
   retried: the segment is released to the queue and the next time it is popped only its
   deletion is done (:meth:`take_undeleted`). Until deleted, the file stays: a crash at any
   moment re-sends at most what was in flight, never loses.
@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Callable
 
-from .journal import AckJournal
+from .journal import Journal, SegmentJournal
 
 log = logging.getLogger("cloudtrail_sink.tracker")
 
@@ -54,7 +54,7 @@ class Segment:
     __slots__ = ("name", "path", "outstanding", "records", "read_complete", "done", "journal",
                  "unjournalled")
 
-    def __init__(self, name: str, path: str, journal: AckJournal | None = None):
+    def __init__(self, name: str, path: str, journal: SegmentJournal | None = None):
         self.name = name
         self.path = path
         self.journal = journal  # None: a dry run, which writes nothing
@@ -69,7 +69,7 @@ class Segment:
 
 
 class SegmentTracker:
-    def __init__(self, queue, acks_dir: str | None, failed_dir: str, *, delete: bool = True,
+    def __init__(self, queue, journal: Journal | None, *, delete: bool = True,
                  on_deleted: Callable[[Segment], None] = lambda seg: None,
                  on_error: Callable[[str], None] = lambda stage: None,
                  clock: Callable[[], float] = time.monotonic,
@@ -78,8 +78,8 @@ class SegmentTracker:
         # Told once per settled segment, before its first deletion attempt (not in a dry run):
         # e.g. how long the segment waited (its mtime).
         self.before_delete = before_delete
-        self.acks_dir = acks_dir  # None: no journal; read, never written, when not deleting
-        self.failed_dir = failed_dir
+        # None: no journal; a dry run (delete False) is given one that reads and never writes.
+        self.journal = journal
         self.delete = delete  # False: a dry run deletes nothing
         self.on_deleted = on_deleted
         self.on_error = on_error
@@ -99,12 +99,12 @@ class SegmentTracker:
     def open(self, name: str, path: str) -> tuple[Segment, set[int]]:
         """Start tracking a segment; returns it and the offsets already settled before (a dry
         run reads them too, so it shows what the next run would send, and writes nothing)."""
-        journal = (AckJournal(self.acks_dir, name, self.failed_dir)
-                   if self.acks_dir is not None else None)
-        seg = Segment(name, path, journal if self.delete else None)
+        journal = self.journal
+        seg = Segment(name, path, SegmentJournal(journal, name)
+                      if journal is not None and self.delete else None)
         with self._cond:
             self.open_segments[name] = seg
-        return seg, (journal.settled() if journal is not None else set())
+        return seg, (journal.settled(name) if journal is not None else set())
 
     def take_undeleted(self, name: str) -> bool:
         """True (and the deletion retried) when ``name`` was settled before and only its
@@ -112,8 +112,8 @@ class SegmentTracker:
         path = self._undeleted.pop(name, None)
         if path is None:
             return False
-        seg = Segment(name, path, AckJournal(self.acks_dir, name, self.failed_dir)
-                      if self.acks_dir is not None and self.delete else None)
+        seg = Segment(name, path, SegmentJournal(self.journal, name)
+                      if self.journal is not None and self.delete else None)
         self._complete(seg, retried=True)
         return True
 
@@ -226,7 +226,7 @@ class SegmentTracker:
                     "retry_in_seconds": RETRY_FAILED_SEGMENT_SECONDS})
                 return
             if seg.journal is not None:
-                seg.journal.remove()
+                seg.journal.journal.forget(seg.name)
             self._read_failures.pop(seg.name, None)
             self.on_deleted(seg)
         self.queue.done(seg.name)
