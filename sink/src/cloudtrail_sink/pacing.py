@@ -10,12 +10,15 @@ The gate (:meth:`Pacer.wait`), for the call about to be formed at time ``now``:
 
 - a **full** batch (``max_events`` events or ``max_bytes``; also a flush for drain/shutdown and
   a batch re-formed after a split) waits only for the ceiling (below), never for ``I``;
-- a batch that is **not full** waits until ``last_call + min(I, max_delay / (1 + JITTER)) * j``,
-  where ``last_call`` is when the previous call was handed out and ``j`` is drawn uniformly from
-  ``[1 - JITTER, 1 + JITTER]`` once per call (so sinks do not fall into step). The jittered wait
-  stays within ``max_delay`` by scaling, not clipping: near the maximum, sinks throttled in the
-  same second still return spread over ``[max_delay / 3, max_delay]``, where a clipped wait sent
-  half of them back exactly ``max_delay`` later, together, with full batches (a second wave);
+- a batch that is **not full** waits until ``last_call + I * j``, where ``last_call`` is when
+  the previous call was handed out and ``j`` is drawn uniformly from ``[1 - JITTER, 1 + JITTER]``
+  once per call (so sinks do not fall into step); when ``I * (1 + JITTER)`` exceeds
+  ``max_delay``, the wait is ``max_delay * (1 - JITTER * u)`` instead, with ``u`` uniform in
+  ``[0, 1]`` (drawn with ``j``): spread over the top half of the maximum, never clipped to it.
+  A clipped wait sent half of the sinks throttled in the same second back exactly ``max_delay``
+  later, together, with full batches (a second wave); a wait scaled down to fit the maximum
+  made sinks at the maximum call a third more often than it allows (more throttles in the
+  seeded simulation, ``docs/benchmarks.md``);
 - with a **ceiling** ``max_calls_per_second = M > 0``, every call (full or not) waits until
   ``last_call + 1/M``: at most ``M`` calls per second, always.
 
@@ -74,7 +77,7 @@ import threading
 import time
 from typing import Callable
 
-JITTER = 0.5  # each not-full call waits min(I, max_delay / (1 + JITTER)) * U(1 - JITTER, 1 + JITTER)
+JITTER = 0.5  # each not-full call waits I * U(1 - JITTER, 1 + JITTER), within the maximum
 MIN_START = 8.0  # seconds: the interval set by the first throttle of an unpaced sink, at least
 INCREASE = 3.0  # the factor of a counted throttle
 HOLD = 1.0  # seconds after an increase in which further throttles are not counted
@@ -153,9 +156,14 @@ class Pacer:
             due = self._last_call + self.min_spacing
             if not full:
                 self._grow(now)
-                if self._interval > 0.0:
-                    due = max(due, self._last_call + self._jitter * min(
-                        self._interval, self.max_delay / (1.0 + JITTER)))
+                interval = self._interval
+                if interval > 0.0:
+                    if interval * (1.0 + JITTER) <= self.max_delay:
+                        wait = interval * self._jitter
+                    else:
+                        u = (self._jitter - (1.0 - JITTER)) / (2.0 * JITTER)
+                        wait = self.max_delay * (1.0 - JITTER * u)
+                    due = max(due, self._last_call + wait)
             return max(0.0, due - now)
 
     def on_call(self, now: float) -> None:
