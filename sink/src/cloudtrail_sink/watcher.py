@@ -271,7 +271,7 @@ class Watcher:
         self._thread.start()
 
     def _start_observer(self) -> None:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
         queue = self.queue
@@ -286,7 +286,11 @@ class Watcher:
                     queue.offer(os.path.basename(event.dest_path))
 
         observer = Observer()
-        observer.schedule(Handler(), self.queue.layout.ready, recursive=False)
+        # Only creations and renames: the inotify mask then leaves out the opens, closes and
+        # deletions of the sink's own reading (watchdog builds the mask from event_filter), each
+        # of which would otherwise wake the observer's threads for nothing.
+        observer.schedule(Handler(), self.queue.layout.ready, recursive=False,
+                          event_filter=[FileCreatedEvent, FileMovedEvent])
         observer.daemon = True
         observer.start()
         self._observer = observer
