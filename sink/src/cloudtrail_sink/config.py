@@ -57,7 +57,9 @@ class SinkConfig:
                       "HOST:PORT of the HTTP server for /metrics /healthz /readyz "
                       "(empty: no server; port 0: any free port)")
     max_in_flight: int = opt(4, "--max-in-flight", ("CLOUDTRAIL_SINK_MAX_IN_FLIGHT",),
-                             "PutAuditEvents requests in flight at once", type=int)
+                             "PutAuditEvents requests in flight at once, at most; one more is "
+                             "sent only while the others have waited 10 ms for their answer",
+                             type=int)
     linger_ms: int = opt(200, "--linger-ms", ("CLOUDTRAIL_SINK_LINGER_MS",),
                          "send a batch that is not full after this many milliseconds", type=int)
     max_pacing_delay_ms: int = opt(10_000, "--max-pacing-delay-ms",
