@@ -368,13 +368,13 @@ class Journal:
                             "again", extra={"journal": path, "error": exc.strerror})
                 continue
             try:
-                size = os.fstat(fd)
-                if not stat.S_ISREG(size.st_mode):  # a FIFO would block the start
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block the start
                     log.warning("ignoring a journal name in acks/ that is not a regular file",
                                 extra={"journal": path})
                     continue
                 lines.read(_read_lines(fd, READ_LIMIT), salt, segment, wanted)
-                if size.st_size > READ_LIMIT:
+                if st.st_size > READ_LIMIT:
                     log.warning("an ack journal file is larger than any the sink writes; only "
                                 "its first bytes were read", extra={"journal": path,
                                                                    "bytes_read": READ_LIMIT})
