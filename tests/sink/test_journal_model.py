@@ -11,13 +11,19 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import zlib
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from cloudtrail_sink import spool
 from cloudtrail_sink.delivery import journal as journal_mod
 from cloudtrail_sink.delivery.journal import Journal, SegmentJournal
+from cloudtrail_sink.delivery.settle import Dead, Settler
+from cloudtrail_sink.delivery.tracker import Segment
+from cloudtrail_sink.metrics import Metrics
+from cloudtrail_sink.spool.deadletters import DeadLetters
 
 # Names a writer never gives, but the journal must carry whatever ready/ holds.
 SEGMENTS = ["0001764237600000000-fb_1_abc-0000000001.seg", "with space.seg", "new\nline.seg",
@@ -336,3 +342,32 @@ def test_whatever_lies_in_acks_never_breaks_a_start(tmp_path, monkeypatch, caplo
     assert left == {"fifo.journal", "dir.journal", "link.journal"}
     assert "not a regular file" in caplog.text and "larger than any" in caplog.text
     j.close()
+
+
+def test_a_dead_letter_file_of_two_segments_keeps_its_published_line_for_both(tmp_path,
+                                                                              monkeypatch):
+    # The settler writes d lines for x and y, renames the failed/ file, writes one D line
+    # (rotated into a new file). x is finished and deleted; y is not. The file holding D must
+    # stay while y's d line may still be needed, through a rotation, failed replay and a kill.
+    lay = spool.ensure_layout(tmp_path / "spool")
+    spool.ensure_acks(lay)
+    for name in ("x.seg", "y.seg"):
+        open(os.path.join(lay.ready, name), "wb").close()
+    j = Journal(lay.acks, lay.ready, lay.failed)
+    j.load()
+    segs = {name: Segment(name, os.path.join(lay.ready, name), SegmentJournal(j, name))
+            for name in ("x.seg", "y.seg")}
+    settler = Settler(tracker=None, batcher=None, dead_letters=DeadLetters(lay, fsync=False),
+                      metrics=Metrics(), jitter=None, pause=None, clock=time.time,
+                      channel_arn=None)
+    monkeypatch.setattr(journal_mod, "ROTATE_BYTES", 1)  # every line ends its file
+    path = settler.dead_letter([Dead(segs[name], off, f"id-{off}", "InvalidData", "no",
+                                     {"k": off}, None, "t", 0.0)
+                                for name, off in (("x.seg", 7), ("y.seg", 8))])
+    os.unlink(segs["x.seg"].path)  # x finished: deleted and forgotten
+    j.forget("x.seg")
+    os.unlink(path)  # failed replay took the file
+    os.close(j._fd)  # a kill
+    again = Journal(lay.acks, lay.ready, lay.failed)
+    again.load()
+    assert again.settled("y.seg") == {8}  # y's dead letter is not written twice
