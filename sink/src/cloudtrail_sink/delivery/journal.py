@@ -9,8 +9,12 @@ One journal per sink, appended by every sender thread: ``acks/<STAMP>-<NONCE>.jo
 - ``a SEG OFFSET... CHECK``: accepted by the service;
 - ``d SEG FILE OFFSET... CHECK``: dead-lettered into ``failed/FILE``; written just *before* that
   file is renamed into place;
-- ``D FILE CHECK``: ``failed/FILE`` was renamed into place (written just after);
+- ``D FILE CHECK``: ``failed/FILE`` was renamed into place (written just after); its file is
+  kept as long as any segment dead-lettered into ``FILE`` (a rotation may come between ``d``
+  and ``D``);
 - ``s SEG OFFSET... CHECK``: settled before this journal was started (carried over at start).
+
+``s`` and ``d`` lines hold at most :data:`LINE_OFFSETS` offsets each (more make more lines).
 
 ``SEG`` is the segment's file name, percent-encoded (RFC 3986 unreserved characters stay as
 they are, which is every character of the names writers give), so any name is one token.
@@ -20,7 +24,8 @@ crash between ``d`` and the rename neither loses the events nor, after it, write
 letters twice, and neither does ``failed replay`` taking the file away before the segment is
 finished. Only lines whose check holds count: a line cut short by a crash (no newline), two
 lines run together after it, a bit flip, a stale block of another file (a power loss) cost
-duplicates, never skip an event.
+duplicates, never skip an event. After a write that failed (a full disk may store part of a
+line) the next line starts with a newline of its own, so it still counts.
 
 Life of the files:
 
@@ -28,14 +33,20 @@ Life of the files:
   read (and every ``<segment>.acks`` file of the per-segment journals of earlier versions, whose
   checks are salted with the segment's name); the offsets settled per segment still in
   ``ready/`` are kept in memory, for :meth:`Journal.settled`. A new journal file is started with
-  one ``s`` line per such segment, then the files read are removed: the journal on disk never
-  holds more than the settled offsets of the segments still there, plus this run's lines.
+  ``s`` lines per such segment, then the files read are removed: the journal on disk never
+  holds more than the settled offsets of the segments still there, plus this run's lines. A
+  kill at any step of this leaves the old files or the new one complete, or both. Reading is
+  bounded: a file is read in pieces, up to :data:`READ_LIMIT` bytes, a line longer than
+  :data:`MAX_LINE` is skipped; a name that is not a regular file (a FIFO, a folder, a symlink)
+  or cannot be read is logged and left alone (never removed: what it says is not lost).
 - **Run**: a journal file that has grown past :data:`ROTATE_BYTES` is followed by a new one;
   a file that is no longer written is removed once every segment it names was deleted
   (:meth:`Journal.forget`, called right after a segment's deletion).
 - **Stop** (:meth:`Journal.close`): when no segment named in any journal file is left, the
   files are removed (a drained spool keeps an empty ``acks/``).
 - A dry run loads the journal without writing or removing anything (``writable=False``).
+- A segment read again in this run (its read failed) skips what was carried over at start
+  plus what this run journalled (the files are read again).
 
 Costs, and why one journal per sink: the per-segment journals of earlier versions cost a file
 created and removed per segment, which ext4 charges about 0.3 ms of system time each (several
@@ -54,10 +65,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import zlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes
 
 log = logging.getLogger("cloudtrail_sink.journal")
@@ -65,7 +77,15 @@ log = logging.getLogger("cloudtrail_sink.journal")
 SUFFIX = ".journal"
 OLD_SUFFIX = ".acks"  # per-segment journals of earlier versions: <segment name>.acks
 ROTATE_BYTES = 4 << 20
+# Offsets per ``s`` or ``d`` line: a line stays a few kilobytes, however many records settle.
+LINE_OFFSETS = 1000
+# Reading bounds: a line longer than MAX_LINE is skipped (ours are far shorter) and a file is
+# read up to READ_LIMIT bytes (ours stay near ROTATE_BYTES), so a garbage file in acks/ costs
+# duplicates at worst, never the sink's memory or a start that does not end.
+MAX_LINE = 1 << 20
+READ_LIMIT = 16 * ROTATE_BYTES
 _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 def _seg_token(name: str) -> bytes:
@@ -80,6 +100,36 @@ def _check(salt: bytes, body: bytes) -> bytes:
     return b"%08x" % zlib.crc32(salt + body)
 
 
+def _chunks(offsets: Iterable[int]) -> Iterator[bytes]:
+    """``offsets`` as space-separated runs of at most :data:`LINE_OFFSETS`, one per line."""
+    items = list(offsets)
+    for i in range(0, len(items), LINE_OFFSETS):
+        yield " ".join(map(str, items[i:i + LINE_OFFSETS])).encode()
+
+
+def _read_lines(fd: int, limit: int) -> Iterator[bytes]:
+    """The complete lines (newline stripped) in the first ``limit`` bytes of ``fd``; a line
+    longer than :data:`MAX_LINE` is dropped whole, and so is the last piece without newline."""
+    tail, skipping, left = b"", False, limit
+    while left > 0:
+        chunk = os.read(fd, min(1 << 20, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                break
+            if not skipping:
+                yield tail + chunk[start:nl]
+            tail, skipping, start = b"", False, nl + 1
+        if not skipping:
+            tail += chunk[start:]
+            if len(tail) > MAX_LINE:
+                tail, skipping = b"", True
+
+
 class _Lines:
     """What journal files say, gathered: offsets per segment, dead-letter intents, publications."""
 
@@ -88,10 +138,10 @@ class _Lines:
         self.intents: list[tuple[str, str, list[int]]] = []  # (segment, failed file, offsets)
         self.published: set[str] = set()
 
-    def read(self, data: bytes, salt: bytes, segment: str | None = None,
+    def read(self, lines: Iterable[bytes], salt: bytes, segment: str | None = None,
              wanted: Callable[[str], bool] = lambda name: True) -> None:
         """Lines of one file; ``segment``: an old per-segment journal (no ``SEG`` token)."""
-        for line in data.split(b"\n")[:-1]:  # the last piece has no newline: cut short
+        for line in lines:
             body, _, check = line.rpartition(b" ")
             if check != _check(salt, body):
                 continue  # a damaged or foreign line only costs duplicates
@@ -125,15 +175,16 @@ class _Lines:
 
 
 class _File:
-    """One journal file: its path, its check salt, the segments its lines name."""
+    """One journal file: its path, its check salt, the segments its lines need kept."""
 
-    __slots__ = ("path", "salt", "segments", "size")
+    __slots__ = ("path", "salt", "segments", "size", "torn")
 
     def __init__(self, path: str):
         self.path = path
         self.salt = os.path.basename(path).encode("ascii") + b"\0"
         self.segments: set[str] = set()
         self.size = 0
+        self.torn = False  # a write failed: it may have left a line without its newline
 
 
 class Journal:
@@ -148,7 +199,10 @@ class Journal:
         self.clock = clock
         self.token = token or (lambda: secrets.token_hex(4))
         self._lock = threading.Lock()
-        self._settled: dict[str, set[int]] = {}  # from before this run, until first opened
+        # From before this run, per segment still in ready/, until the segment is forgotten:
+        # a re-read also needs them when they could not be carried into a file (dry run, full
+        # disk).
+        self._settled: dict[str, set[int]] = {}
         self._opened: set[str] = set()  # segments opened in this run (a re-read scans files)
         self._current: _File | None = None
         self._fd: int | None = None
@@ -161,7 +215,8 @@ class Journal:
         remove the files read."""
         found = self._journal_files()
         in_ready = set(self._listdir(self.ready))
-        lines = self._read(found, in_ready.__contains__)
+        read: list[str] = []
+        lines = self._read(found, in_ready.__contains__, read)
         self._settled = {k: v for k, v in lines.settled(self.failed_dir).items() if v}
         if not self.writable:
             return
@@ -169,12 +224,13 @@ class Journal:
             with self._lock:
                 self._start_file()
                 for name, offsets in self._settled.items():
-                    self._append_locked(b"s " + _seg_token(name) + b" "
-                                        + " ".join(map(str, sorted(offsets))).encode(), name)
+                    token = _seg_token(name)
+                    for run in _chunks(sorted(offsets)):
+                        self._append_locked(b"s " + token + b" " + run, (name,))
         except OSError as exc:
             self._cannot_write(exc)
             return  # the files read stay: nothing they say is lost
-        for path in found:
+        for path in read:  # a file that could not be read stays, for the next start
             self._unlink(path)
 
     def close(self) -> None:
@@ -195,26 +251,30 @@ class Journal:
     def settled(self, segment: str) -> set[int]:
         """Offsets of ``segment``'s records already accepted or dead-lettered."""
         with self._lock:
+            before = set(self._settled.get(segment, ()))
             if segment not in self._opened:
                 self._opened.add(segment)
-                return self._settled.pop(segment, set())
+                return before
             paths = [f.path for f in self._files] + (
                 [self._current.path] if self._current is not None else [])
         # Read again in this run (its first read failed): what this run journalled counts too.
-        return self._read(paths, segment.__eq__).settled(self.failed_dir).get(segment, set())
+        return before | self._read(paths, segment.__eq__).settled(self.failed_dir).get(
+            segment, set())
 
     def accepted(self, segment: str, offsets: Iterable[int]) -> None:
-        self._append(b"a " + _seg_token(segment) + b" " + " ".join(map(str, offsets)).encode(),
-                     segment)
+        self._append([b"a " + _seg_token(segment) + b" "
+                      + " ".join(map(str, offsets)).encode()], (segment,))
 
     def dead_lettered(self, segment: str, failed_file: str, offsets: Iterable[int]) -> None:
         """Just before ``failed/failed_file`` is renamed into place."""
-        self._append(b"d " + _seg_token(segment) + b" " + failed_file.encode("ascii") + b" "
-                     + " ".join(map(str, offsets)).encode(), segment)
+        head = b"d " + _seg_token(segment) + b" " + failed_file.encode("ascii") + b" "
+        self._append([head + run for run in _chunks(offsets)], (segment,))
 
-    def published(self, failed_file: str) -> None:
-        """Just after ``failed/failed_file`` was renamed into place."""
-        self._append(b"D " + failed_file.encode("ascii"), None)
+    def published(self, failed_file: str, segments: Iterable[str] = ()) -> None:
+        """Just after ``failed/failed_file`` was renamed into place; ``segments``: those whose
+        ``d`` lines name it. The line's file is kept as long as theirs may be (a rotation
+        between the two may put them in different files)."""
+        self._append([b"D " + failed_file.encode("ascii")], tuple(segments))
 
     def forget(self, segment: str) -> None:
         """``segment`` was deleted: files that name only deleted segments are removed."""
@@ -233,25 +293,35 @@ class Journal:
             self._unlink(f.path)
 
     # -- files ----------------------------------------------------------------------------------
-    def _append(self, body: bytes, segment: str | None) -> None:
+    def _append(self, bodies: list[bytes], segments: tuple[str, ...]) -> None:
         if not self.writable:
             return
         try:
             with self._lock:
-                self._append_locked(body, segment)
+                for body in bodies:
+                    self._append_locked(body, segments)
         except OSError as exc:
             self._cannot_write(exc)
 
-    def _append_locked(self, body: bytes, segment: str | None) -> None:
+    def _append_locked(self, body: bytes, segments: tuple[str, ...]) -> None:
         f = self._current
         if f is None:
             return  # the journal could not be started: duplicates after a crash, nothing else
         line = body + b" " + _check(f.salt, body) + b"\n"
+        if f.torn:
+            line = b"\n" + line  # after a piece of a line: this one still starts a line
         # Under the lock: a rotation never closes the descriptor while a thread writes to it.
-        os.write(self._fd, line)
-        f.size += len(line)
-        if segment is not None:
-            f.segments.add(segment)
+        view = memoryview(line)
+        f.segments.update(segments)  # before writing: a piece of a line keeps the file too
+        try:
+            while view:  # a short write (a full disk) is retried until it raises
+                n = os.write(self._fd, view)
+                f.size += n
+                view = view[n:]
+        except OSError:
+            f.torn = True
+            raise
+        f.torn = False
         if f.size >= ROTATE_BYTES:
             self._rotate_locked()
 
@@ -275,25 +345,47 @@ class Journal:
                        if n.endswith(SUFFIX) or n.endswith(OLD_SUFFIX))
         return [os.path.join(self.folder, n) for n in names]
 
-    def _read(self, paths: list[str], wanted: Callable[[str], bool]) -> _Lines:
+    def _read(self, paths: list[str], wanted: Callable[[str], bool],
+              read: list[str] | None = None) -> _Lines:
+        """What ``paths`` say about the segments ``wanted``; each path read to its end (or
+        gone) is appended to ``read``, the others are logged and left alone."""
         lines = _Lines()
         for path in paths:
             name = os.path.basename(path)
+            if name.endswith(OLD_SUFFIX):
+                segment: str | None = name[:-len(OLD_SUFFIX)]
+                salt = segment.encode("utf-8", "surrogateescape") + b"\0"
+            else:
+                segment, salt = None, name.encode("utf-8", "surrogateescape") + b"\0"
             try:
-                with open(path, "rb") as fh:
-                    data = fh.read()
+                fd = os.open(path, _READ_FLAGS)
             except FileNotFoundError:
+                if read is not None:
+                    read.append(path)
                 continue
             except OSError as exc:
-                log.warning("cannot read an ack journal; the events it lists are sent again",
-                            extra={"journal": path, "error": exc.strerror})
+                log.warning("cannot read an ack journal file; the events it lists may be sent "
+                            "again", extra={"journal": path, "error": exc.strerror})
                 continue
-            if name.endswith(OLD_SUFFIX):
-                segment = name[:-len(OLD_SUFFIX)]
-                lines.read(data, segment.encode("utf-8", "surrogateescape") + b"\0", segment,
-                           wanted)
-            else:
-                lines.read(data, name.encode("utf-8", "surrogateescape") + b"\0", None, wanted)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block the start
+                    log.warning("ignoring a journal name in acks/ that is not a regular file",
+                                extra={"journal": path})
+                    continue
+                lines.read(_read_lines(fd, READ_LIMIT), salt, segment, wanted)
+                if st.st_size > READ_LIMIT:
+                    log.warning("an ack journal file is larger than any the sink writes; only "
+                                "its first bytes were read", extra={"journal": path,
+                                                                   "bytes_read": READ_LIMIT})
+            except OSError as exc:
+                log.warning("cannot read an ack journal file; the events it lists may be sent "
+                            "again", extra={"journal": path, "error": exc.strerror})
+                continue
+            finally:
+                os.close(fd)
+            if read is not None:
+                read.append(path)
         return lines
 
     @staticmethod
@@ -336,5 +428,7 @@ class SegmentJournal:
     def dead_lettered(self, failed_file: str, offsets: Iterable[int]) -> None:
         self.journal.dead_lettered(self.segment, failed_file, offsets)
 
-    def published(self, failed_file: str) -> None:
-        self.journal.published(failed_file)
+    def published(self, failed_file: str, segments: Iterable[str] = ()) -> None:
+        """One line for the whole ``failed/`` file; ``segments``: every segment with events in
+        it (this one included or not)."""
+        self.journal.published(failed_file, (self.segment, *segments))

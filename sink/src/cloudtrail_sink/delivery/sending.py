@@ -13,12 +13,20 @@
 **In-flight requests grow with the latency, not by default.** Worker 0 always takes batches.
 Worker ``k > 0`` takes one only while workers ``0 .. k-1`` each have a request outstanding for
 at least :data:`HELP_AFTER` seconds (it waits until then, woken when the last of them starts a
-request). Against a remote endpoint (tens of milliseconds a request) all ``max_in_flight``
-requests fill within a few ``HELP_AFTER``; against a fast one (a local emulator, a
-millisecond), where more threads only take turns at the interpreter lock, one or two send.
-More requests at once would not deliver more there, and each costs the sink CPU: threads
-waiting for the lock cost about 15 context switches a request more (measured in
-``docs/benchmarks.md``).
+request). Against a fast endpoint (a local emulator, a millisecond), where more threads only
+take turns at the interpreter lock, one or two send. More requests at once would not deliver
+more there, and each costs the sink CPU: threads waiting for the lock cost about 15 context
+switches a request more (measured in ``docs/benchmarks.md``).
+
+Against a slower one, each request a worker starts holds back the workers after it for
+``HELP_AFTER``: with requests of ``L`` seconds about ``min(max_in_flight, 1 + L / HELP_AFTER)``
+are outstanding (2 at 20 ms, 3 at 30 ms, 10 at 100 ms), so below ``max_in_flight / L`` the
+sink starts about ``1 / HELP_AFTER`` requests a second: 100, the whole PutAuditEvents quota of
+an account and region (a sink alone on it loses nothing the service would grant; an endpoint
+without that quota, such as the emulator, gets no more). All ``max_in_flight`` at once need
+requests slower than ``(max_in_flight - 1) * HELP_AFTER``, or held (a request that does not
+return lets the next worker send after ``HELP_AFTER``). Measured in a model of this rule, not
+a benchmark.
 """
 
 from __future__ import annotations

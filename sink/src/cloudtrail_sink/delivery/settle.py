@@ -233,7 +233,9 @@ class Settler:
 
         path = self.dead_letters.write(lines, intent=intent)
         if path is not None and per_seg:
-            next(iter(per_seg)).journal.published(os.path.basename(path))  # one sink journal
+            # One sink journal: one line, kept as long as any of these segments' intents.
+            next(iter(per_seg)).journal.published(os.path.basename(path),
+                                                  [seg.name for seg in per_seg])
         for code, n in collections.Counter(u.code for u in units).items():
             self.metrics.failed.labels(code).inc(n)
         return path
