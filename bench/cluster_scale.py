@@ -323,6 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (sink logs)")
     args = ap.parse_args(argv)
+    common.exit_on_sigterm()
 
     tmp = tempfile.mkdtemp(prefix="bench-cluster-scale-")
     env = common.fake_aws_env(tmp)

@@ -4,7 +4,8 @@ a spool filler, a minimal local PutAuditEvents endpoint and the emulator as a pr
 The minimal endpoint (``fast_endpoint``) answers every event as successful after parsing the
 request: it measures the sink, not a store. ``emulator_process`` runs the real emulator (SQLite,
 checks, quota) in its own process for figures that want the full path. Everything binds to
-127.0.0.1; every process started here is killed by the context managers.
+127.0.0.1; every process started here is killed by the context managers, also when the
+benchmark itself is stopped with SIGTERM (:func:`exit_on_sigterm`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -90,6 +92,13 @@ def event(i: int, size: int = 1000) -> dict:
     pad = size - len(json.dumps(ev, separators=(",", ":")))
     ev["additionalEventData"]["pad"] = "x" * max(0, pad)
     return ev
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the context managers and ``finally`` blocks stop every
+    process the benchmark started (by default SIGTERM ends Python without running them, and
+    dozens of sinks and an emulator would be left behind)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def fill_spool(spool_dir: str, n: int, size: int = 1000, per_segment: int = 500) -> None:

@@ -90,6 +90,7 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--rate", type=float, default=10.0)
     args = ap.parse_args()
+    common.exit_on_sigterm()
     tmp = tempfile.mkdtemp(prefix="sink-latency-")
     env = common.fake_aws_env(tmp)
     try:

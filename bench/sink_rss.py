@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--event-bytes", type=int, default=1000)
     args = ap.parse_args()
+    common.exit_on_sigterm()
     tmp = tempfile.mkdtemp(prefix="sink-rss-")
     env = common.fake_aws_env(tmp)
     try:

@@ -65,6 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--segments", type=int, default=100_000)
     args = ap.parse_args()
+    common.exit_on_sigterm()
     tmp = tempfile.mkdtemp(prefix="sink-startup-")
     env = common.fake_aws_env(tmp)
     try:

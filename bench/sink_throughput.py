@@ -100,6 +100,7 @@ def main() -> int:
                     help="interleaved sink/baseline rounds; medians are printed")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    common.exit_on_sigterm()
 
     tmp = tempfile.mkdtemp(prefix="sink-throughput-")
     env = common.fake_aws_env(tmp)
