@@ -49,8 +49,11 @@ The control law (:meth:`Pacer.on_response`, one signal per answer: a request-lev
   QUIET_DOUBLING)`` once the sink has gone ``quiet > QUIET`` seconds without a throttle (probing
   faster when it is probably alone). ``I`` below ``FREE_BELOW`` becomes 0 (not paced).
   Bound: with no throttling, ``I`` falls from ``max_delay`` to 0 within
-  :func:`recovery_seconds` (155 s from the default 10 s; under 3 minutes for any maximum up to
-  an hour). A sink never throttled is never paced.
+  :func:`recovery_seconds` (171 s from the default 10 s; 187 s for any maximum up to an
+  hour). A sink never throttled is never paced. The growth is slow on purpose: a sink at the
+  maximum can slow down no further when throttled, so a growth faster than the throttles can
+  take back keeps the quota overrun (twice this growth gave a fifth more throttled calls in
+  the per-node benchmark, ``docs/benchmarks.md``).
 
 Why it shares a quota fairly with no coordinator: the service throttles calls, so a sink that
 calls more often is throttled more often and its interval grows more; the additive part of the
@@ -81,8 +84,8 @@ JITTER = 0.5  # each not-full call waits I * U(1 - JITTER, 1 + JITTER), within t
 MIN_START = 8.0  # seconds: the interval set by the first throttle of an unpaced sink, at least
 INCREASE = 3.0  # the factor of a counted throttle
 HOLD = 1.0  # seconds after an increase in which further throttles are not counted
-ADDITIVE = 0.001  # calls/s per second: the fair part of the rate's growth
-PROPORTIONAL = 0.003  # per second: the scale-free part (the rate grows 0.3% a second)
+ADDITIVE = 0.0005  # calls/s per second: the fair part of the rate's growth
+PROPORTIONAL = 0.0015  # per second: the scale-free part (the rate grows 0.15% a second)
 QUIET = 60.0  # seconds without throttling after which the growth speeds up
 QUIET_DOUBLING = 15.0  # ...doubling every this many more quiet seconds
 FREE_BELOW = 0.05  # seconds: a shorter interval is no pacing at all
