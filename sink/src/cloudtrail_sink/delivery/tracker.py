@@ -13,9 +13,9 @@ Contract:
   journal file); if the deletion then does not happen (it fails, or deleting was stopped), the
   line is written before the segment is left.
 - When a segment was read completely and nothing of it is outstanding, it is deleted exactly
-  once, then the journal forgets it (``Journal.forget``), then the queue forgets it. A deletion that fails is logged and
-  retried: the segment is released to the queue and the next time it is popped only its
-  deletion is done (:meth:`take_undeleted`). Until deleted, the file stays: a crash at any
+  once, then the journal forgets it (``Journal.forget``), then the queue forgets it. A
+  deletion that fails is logged and retried: the segment is released to the queue and the
+  next time it is popped only its deletion is done (:meth:`take_undeleted`). Until deleted, the file stays: a crash at any
   moment re-sends at most what was in flight, never loses.
 - A read that fails (:meth:`read_failed`) releases what the read held (so ``pending`` and a
   drain are right) and offers the segment again after :func:`read_retry_seconds`, doubling per
