@@ -52,7 +52,7 @@ The control law (:meth:`Pacer.on_response`, one signal per answer: a request-lev
   :func:`recovery_seconds` (171 s from the default 10 s; 187 s for any maximum up to an
   hour). A sink never throttled is never paced. The growth is slow on purpose: a sink at the
   maximum can slow down no further when throttled, so a growth faster than the throttles can
-  take back keeps the quota overrun (twice this growth gave a fifth more throttled calls in
+  take back keeps the quota overrun (twice this growth gave a sixth more throttled calls in
   the per-node benchmark, ``docs/benchmarks.md``).
 
 Why it shares a quota fairly with no coordinator: the service throttles calls, so a sink that
