@@ -86,8 +86,8 @@ def test_one_slow_request_lets_the_next_worker_send_meanwhile(tmp_path, monkeypa
     service = Recorder(slow_first=3.0)  # worker 0's first request takes 3 s
     run_drain(drain_config(spool_dir, max_in_flight=4, max_batch_events=100), sender=service)
     assert sorted(service.uids) == sorted(f"evt-{i}" for i in range(1000))
-    # The other nine requests went while the first was outstanding, through worker 1 (worker
-    # 2 waits for workers 0 and 1 both to be slow, which worker 1 never was for long).
+    # The other requests went while the first was outstanding, through worker 1 (worker 2
+    # waits for workers 0 and 1 both to be slow, which worker 1 is only on a busy machine).
     assert service.threads[0] == "sink-sender-0"
     assert "sink-sender-1" in service.threads[1:]
-    assert service.peak == 2
+    assert service.peak >= 2
