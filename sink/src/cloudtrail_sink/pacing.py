@@ -26,7 +26,7 @@ So pacing adds at most ``max_delay`` seconds to an event (plus ``1/M`` with a ce
 batch that is full is never held for the interval: under load the sink sends full calls at once.
 
 **Retries after a throttle** (``delivery/settle.py``): the events of a throttled answer go back
-to the Batcher due no earlier than ``wait(now, full=False)`` at the answer (``last_call + I * j``
+to the Batcher due no earlier than ``wait(now, full=False)`` at the answer (the gate above,
 with ``I`` already increased), or after their backoff if later, full or not: a sink whose
 backlog makes full batches retries them once per interval instead of on the backoff alone
 (0.1 s, doubling), which let throttled full batches feed each other. Not while the Batcher

@@ -17,7 +17,8 @@ Contract:
 - Names reported through ``on_ignored`` are remembered (at most ``MAX_IGNORED``, then the
   memory starts over and a name may be reported again) so each is reported once.
 - :class:`Watcher` runs a full scan at start, a watchdog (inotify) observer on ``ready/`` so new
-  segments are seen at once without polling, and a rescan every ``rescan_seconds`` as a backstop
+  segments are seen at once without polling (creations and renames only: the sink's own opens,
+  closes and deletions there wake nothing), and a rescan every ``rescan_seconds`` as a backstop
   (watchdog drops inotify queue overflows silently). With ``poll=True`` there is no observer and
   the scan runs every ``poll_seconds`` instead (also when inotify cannot be started). Idle, it
   costs one wake-up per rescan interval.

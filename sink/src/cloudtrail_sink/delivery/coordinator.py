@@ -1,8 +1,9 @@
 """The running sink: owns the lifecycle, the threads, the signals and the health answers.
 
 Threads: one reader (``reading.SegmentReading``), ``max_in_flight`` sender workers
-(``sending.Sending``: batcher -> sender -> ``settle.Settler``), the watcher's observer and
-rescan thread, the HTTP status server. The calling thread owns the lifecycle.
+(``sending.Sending``: batcher -> sender -> ``settle.Settler``; beyond the first, a worker sends
+only while the earlier ones wait on the network), the watcher's observer and rescan thread, the
+HTTP status server. The calling thread owns the lifecycle.
 
 Guarantees (the product's promise):
 
@@ -19,8 +20,8 @@ Guarantees (the product's promise):
   within ``grace_seconds``, settle their results, exit 0. Unsettled segments stay for next time.
 - ``sink.lock`` (``spool/lock.py``) keeps a second sink off the same spool. ``--dry-run`` takes
   no lock and changes nothing on disk: it is given the dry-run sender and dead-letter printer
-  (``dryrun.py``) and a tracker that deletes nothing and reads the ack journals without
-  writing them (so it shows what the next run would send).
+  (``dryrun.py``) and a tracker that deletes nothing and reads the ack journal without
+  writing it (so it shows what the next run would send).
 - A segment whose read or deletion fails is logged, counted (``segment_errors_total{stage}``)
   and offered again later (``tracker.py``). A drain that ends with such segments left returns
   :data:`EXIT_INCOMPLETE`, as does a drain not done within ``drain_timeout``.

@@ -50,8 +50,9 @@ Life of the files:
 
 Costs, and why one journal per sink: the per-segment journals of earlier versions cost a file
 created and removed per segment, which ext4 charges about 0.3 ms of system time each (about
-0.7 us per event at 500 events a segment, 5 % of the sink's CPU in ``bench/sink_throughput.py``). Here a settlement costs one ``write`` of a
-line; files are created and removed per :data:`ROTATE_BYTES` of lines.
+0.7 us per event at 500 events a segment, 5 % of the sink's CPU in
+``bench/sink_throughput.py``). Here a settlement costs one ``write`` of a line; files are
+created and removed per :data:`ROTATE_BYTES` of lines.
 
 fsync policy: the journal is never fsynced. A SIGKILL or a crash of the sink loses nothing that
 was written (the page cache survives the process); only a power loss or kernel crash can lose

@@ -17,8 +17,8 @@ aliases included, exactly once, as one of:
 - **dead-letter**: a permanent per-event code, or a lone event refused as invalid.
 
 :meth:`Settler.dead_letter` is the single dead-letter path (the reader's pre-send refusals use it
-too): one ``failed/`` file per call, each event's segment journal told just before the file
-appears and just after (``delivery/journal.py``), then the tracker finalizes them. It cannot
+too): one ``failed/`` file per call, the sink's ack journal told just before the file appears
+and just after (``delivery/journal.py``), then the tracker finalizes them. It cannot
 fail on content (``spool.deadletters.dump_line``); a disk that refuses it raises ``OSError`` and
 the caller retries.
 
@@ -215,7 +215,7 @@ class Settler:
 
     # -- dead letters ---------------------------------------------------------------------------
     def dead_letter(self, units: list[Dead]) -> str | None:
-        """Write ``units`` as one ``failed/`` file (journals told first); returns its path.
+        """Write ``units`` as one ``failed/`` file (the journal told first); returns its path.
         Raises only ``OSError``. The caller then calls :meth:`finalize_dead`."""
         now = self.clock()
         lines = [failure_line(code=u.code, message=u.message, segment=u.seg.name, tag=u.tag,

@@ -10,13 +10,13 @@ Contract:
   goes to the journal first) or :meth:`dead_lettered` (after its ``failed/`` file was renamed
   into place). Nothing else finalizes. The acceptance that completes a segment is not
   journalled, since the segment is deleted right after it (a one-request segment never gets a
-  journal file); if the deletion then does not happen (it fails, or deleting was stopped), the
+  journal line); if the deletion then does not happen (it fails, or deleting was stopped), the
   line is written before the segment is left.
 - When a segment was read completely and nothing of it is outstanding, it is deleted exactly
   once, then the journal forgets it (``Journal.forget``), then the queue forgets it. A
   deletion that fails is logged and retried: the segment is released to the queue and the
-  next time it is popped only its deletion is done (:meth:`take_undeleted`). Until deleted, the file stays: a crash at any
-  moment re-sends at most what was in flight, never loses.
+  next time it is popped only its deletion is done (:meth:`take_undeleted`). Until deleted,
+  the file stays: a crash at any moment re-sends at most what was in flight, never loses.
 - A read that fails (:meth:`read_failed`) releases what the read held (so ``pending`` and a
   drain are right) and offers the segment again after :func:`read_retry_seconds`, doubling per
   failure of the same segment; the journal makes the new read skip what was settled.

@@ -42,7 +42,7 @@ import msgpack
 
 FOLDERS = ("tmp", "ready", "failed", "rejected", "quarantine")
 LOCK_NAME = "sink.lock"
-ACKS = "acks"  # the sink's ack journals (delivery/journal.py); not a spool folder writers know
+ACKS = "acks"  # the sink's ack journal (delivery/journal.py); not a spool folder writers know
 DIR_MODE = 0o750
 
 WRITER_RE = re.compile(r"\A[A-Za-z0-9_]{1,64}\Z")
@@ -84,7 +84,7 @@ def ensure_layout(root: str | os.PathLike) -> Layout:
 
 
 def ensure_acks(lay: Layout) -> None:
-    """The sink's own ``acks/`` folder (per-segment ack journals), created when missing."""
+    """The sink's own ``acks/`` folder (its ack journal), created when missing."""
     os.makedirs(lay.acks, mode=DIR_MODE, exist_ok=True)
 
 

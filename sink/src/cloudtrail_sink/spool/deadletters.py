@@ -86,7 +86,7 @@ class DeadLetters:
 
     def write(self, lines: list[dict], intent: Callable[[str], None] | None = None) -> str:
         """Publish failures into ``failed/``; returns the file's path. ``intent`` is called
-        with the file's name just before it is renamed into place (the ack journals record
+        with the file's name just before it is renamed into place (the ack journal records
         it there, so a restart knows these events were dead-lettered if the file exists)."""
         data = "".join(dump_line(line) + "\n" for line in lines).encode("utf-8", "surrogatepass")
         seq = self._next_seq()
