@@ -217,6 +217,8 @@ def main() -> int:
                     help="also measure with SigV4 signatures verified")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    # SIGTERM as SystemExit: the finally blocks then stop every process started here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     results = {"cpus": os.cpu_count(), "clients": args.clients, "seconds": args.seconds,
                "event_bytes": args.event_bytes}

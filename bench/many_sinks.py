@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--event-bytes", type=int, default=1000)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
+    # SIGTERM as SystemExit: the finally blocks then stop every process started here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     tmp = tempfile.mkdtemp(prefix="bench-many-sinks-")
     try:
