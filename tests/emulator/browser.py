@@ -40,7 +40,10 @@ class Browser:
                  *FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}",
                  "about:blank"],
                 pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL, stderr=log,
-                start_new_session=True)
+                start_new_session=True,
+                # Chromium's singleton socket folder goes to TMPDIR: the test's folder, not a
+                # /tmp/org.chromium.Chromium.* left behind by every run.
+                env={**os.environ, "TMPDIR": str(profile)})
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._buffer = b""

@@ -46,7 +46,9 @@ def _dom_after(emu, chromium, profile, send) -> str:
     proc = subprocess.Popen(
         [chromium, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=2500",
          "--dump-dom", f"{emu.url}/"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+        # Chromium's singleton socket folder goes to TMPDIR: the test's, not /tmp.
+        env={**os.environ, "TMPDIR": os.path.dirname(os.fspath(profile))})
     try:
         _wait_until_parked(emu, proc)
         send()
