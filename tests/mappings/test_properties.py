@@ -37,12 +37,13 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(text, inner, max_size=4)), max_leaves=20)
 
 
-def _mapper(tmp_path_factory=None):
+def _mapper():
     import pathlib
     import tempfile
-    d = pathlib.Path(tempfile.mkdtemp())
-    (d / "r.yaml").write_text(RULES)
-    return LuaMapper(compile_files([d / "r.yaml"]).lua_text())
+    with tempfile.TemporaryDirectory() as tmp:  # the rules file is needed only to compile
+        d = pathlib.Path(tmp)
+        (d / "r.yaml").write_text(RULES)
+        return LuaMapper(compile_files([d / "r.yaml"]).lua_text())
 
 
 MAPPER = None
