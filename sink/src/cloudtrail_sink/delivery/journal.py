@@ -63,6 +63,7 @@ request would cost more than the request itself on many disks. A journal that ca
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -89,6 +90,7 @@ _APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXE
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
+@functools.lru_cache(maxsize=256)  # asked per request; a few segments are open at a time
 def _seg_token(name: str) -> bytes:
     return quote(name.encode("utf-8", "surrogateescape"), safe="").encode("ascii")
 
