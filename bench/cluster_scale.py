@@ -55,11 +55,6 @@ def get(url: str, timeout: float = 10.0) -> bytes:
         return r.read()
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
 class Sinks:
     """``n`` sink processes, one per spool, each with its /metrics on a port of its own."""
 
@@ -285,7 +280,8 @@ def run_latency(tmp: str, url: str, env: dict, rate: float, seconds: float,
         sinks.stop()
     lat = [gone[k] - published[k] for k in published]
     return {"events": len(lat), "rate": rate, "sink_args": extra,
-            "p50_ms": round(1000 * pct(lat, 50), 1), "p99_ms": round(1000 * pct(lat, 99), 1),
+            "p50_ms": round(1000 * common.pct(lat, 50), 1),
+            "p99_ms": round(1000 * common.pct(lat, 99), 1),
             "max_ms": round(1000 * max(lat), 1)}
 
 

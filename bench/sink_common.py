@@ -83,6 +83,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pct(values: list[float], p: float) -> float:
+    """The ``p``-th percentile of ``values``: the sample at the rounded position."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
 def event(i: int, size: int = 1000) -> dict:
     ev = {"version": "1.0", "UID": f"bench-{i}",
           "userIdentity": {"type": "CustomUserIdentity", "principalId": "bench-user"},

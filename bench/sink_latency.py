@@ -26,11 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sink_common as common  # noqa: E402
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
 def measure_sink(tmp: str, url: str, env: dict, n: int, rate: float, linger: int) -> list[float]:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sink", "src"))
     from cloudtrail_sink.spool import SpoolWriter
@@ -104,7 +99,7 @@ def main() -> int:
         for name, values in rows:
             ms = [v * 1000 for v in values]
             print(f"{name:28} n={len(ms):4}  p50 {statistics.median(ms):7.1f} ms  "
-                  f"p99 {pct(ms, 99):7.1f} ms  max {max(ms):7.1f} ms")
+                  f"p99 {common.pct(ms, 99):7.1f} ms  max {max(ms):7.1f} ms")
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,14 +20,8 @@ from cloudtrail_sink.delivery.tracker import read_retry_seconds
 from cloudtrail_sink.spool.lock import acquire_lock
 from cloudtrail_sink.sender import Result
 
-from sinksupport import (CHANNEL_ARN, MISSING_CHANNEL_ARN, event, failed_lines, fill, wait_for)
-
-
-def config(spool_dir, url=None, **kw) -> SinkConfig:
-    base = dict(spool_dir=str(spool_dir), channel_arn=CHANNEL_ARN, endpoint_url=url, listen="",
-                drain=True, linger_ms=20, max_backoff_seconds=0.3, grace_seconds=5)
-    base.update(kw)
-    return SinkConfig(**base).validate()
+from sinksupport import MISSING_CHANNEL_ARN, event, failed_lines, fill, wait_for
+from sinksupport import drain_config as config
 
 
 def run_in_thread(runner: Runner, timeout: float = 30) -> int:

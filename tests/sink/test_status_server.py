@@ -118,6 +118,18 @@ def exchange(port: int, data: bytes, half_close: bool, wait: float = 5.0) -> byt
         return out
 
 
+def slow_probe(body: dict):
+    """A probe that signals `entered` when called and answers `body` once `release` is set."""
+    entered, release = threading.Event(), threading.Event()
+
+    def probe():
+        entered.set()
+        release.wait(10)
+        return True, body
+
+    return probe, entered, release
+
+
 def test_200_idle_connections_cost_no_thread_and_do_not_lock_out_healthz():
     with status_server() as server:
         threads_before = threading.active_count()
@@ -144,13 +156,7 @@ def test_the_listen_queue_holds_a_burst_of_128_while_the_server_is_busy():
     with open("/proc/sys/net/core/somaxconn") as f:
         if int(f.read()) < httpserver.BACKLOG:
             pytest.skip("net.core.somaxconn is below the server's backlog on this machine")
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_health():
-        entered.set()
-        release.wait(10)
-        return True, {"status": "ok"}
-
+    slow_health, entered, release = slow_probe({"status": "ok"})
     with status_server(health=slow_health) as server:
         # One slow probe keeps the server's thread busy: new connections wait in the kernel's
         # accept queue, which drops connection attempts beyond the backlog.
@@ -218,13 +224,7 @@ def test_oversized_or_malformed_requests_get_an_error_status_and_the_connection_
 
 
 def test_a_client_that_disconnects_early_logs_at_most_one_json_line(log_stream, capfd):
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_ready():
-        entered.set()
-        release.wait(10)
-        return True, {"status": "ready"}
-
+    slow_ready, entered, release = slow_probe({"status": "ready"})
     with status_server(ready=slow_ready) as server:
         # Gone while its answer is computed: the server writes to a reset connection.
         sock = socket.create_connection(("127.0.0.1", server.port))

@@ -286,9 +286,9 @@ function Filter:check_mappings()
   local text, err = self.watch:check()
   if text ~= nil or err ~= nil then return self:load_mapper(text, err) end
   if self.stats.dropped ~= self.dropped_in_status then
-    local now, last = self.clock.now(), self.counts_at
-    -- The first drops show at once; a clock stepped back counts as due, as in cloudtrail.reload.
-    if last == nil or now < last or now - last >= STATUS_COUNTS_INTERVAL then
+    local now = self.clock.now()
+    -- The first drops show at once (counts_at is nil until then).
+    if reload.due(self.counts_at, now, STATUS_COUNTS_INTERVAL) then
       self.counts_at = now
       self:write_status()
     end

@@ -11,6 +11,8 @@
 --     read and that state is new. The same text or the same error is reported once only, so
 --     a broken file costs one message, however many ticks pass.
 --   w:seen(text, err)  records what the filter read at start (the text, or why it could not).
+--   reload.due(last, now, interval) -> bool
+--     Whether `interval` seconds passed since `last` (nil: never); a clock stepped back is due.
 --   reload.write_status(path, fields, tmp_suffix=".tmp") -> true | nil, err
 --     Writes `fields` as one JSON object to `path` atomically: path .. tmp_suffix in the same
 --     folder, then rename(2), so a reader never sees half a status (give each writer its own
@@ -37,6 +39,11 @@ function M.read(path)
   return text
 end
 
+-- A clock stepped back must not stop what it paces: any step back counts as due.
+function M.due(last, now, interval)
+  return last == nil or now < last or now - last >= interval
+end
+
 local Watcher = {}
 Watcher.__index = Watcher
 
@@ -53,10 +60,7 @@ end
 
 function Watcher:check()
   local now = self.clock.now()
-  -- A clock stepped back must not stop the checks: any step back counts as due.
-  if self.last_check and now >= self.last_check and now - self.last_check < self.interval then
-    return nil
-  end
+  if not M.due(self.last_check, now, self.interval) then return nil end
   self.last_check = now
   local text, err = M.read(self.path)
   if text == nil then

@@ -83,7 +83,7 @@ def build(paths: list[str | pathlib.Path], defaults: dict | None = None, example
     files = source_files(paths)
     rename = _renamer(files, display_root)
     try:
-        compiled = compile_files(files, defaults) if files else compile_files(paths, defaults)
+        compiled = compile_files(files or paths, defaults)
     except CompileError as exc:
         raise CompileError([rename(p) for p in exc.problems]) from None
     problems = check_patterns(compiled)
