@@ -142,23 +142,18 @@ class Batcher:
                     item.since = now - self.linger  # a retry is due now, not after a new linger
                     self._pending.appendleft(item)
                     self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
-                pace = self.pacer
                 held = None  # when the pacer lets the due batch go
                 if self._batches:
-                    wait = pace.wait(now, True) if pace else 0.0
+                    wait = self._paced(now, True)
                     if wait <= 0.0:
-                        if pace:
-                            pace.on_call(now)
                         return self._batches.popleft()
                     held = now + wait
                 elif self._pending:
                     full = self._flush or self._full_locked()
                     if full or self._pending[0].since + self.linger <= now:
-                        wait = pace.wait(now, full) if pace else 0.0
+                        wait = self._paced(now, full)
                         if wait <= 0.0:
                             batch = self._form_locked()
-                            if pace:
-                                pace.on_call(now)
                             if self._pending:
                                 self._cond.notify()  # more may be due for another worker
                             return batch
@@ -176,6 +171,18 @@ class Batcher:
                     wake.append(give_up)
                 self._cond.wait(max(0.0, min(wake) - now) if wake else None)
             return None
+
+    def _paced(self, now: float, full: bool) -> float:
+        """0 when a due batch may go now (the pacer, if any, is told of the call), else the
+        seconds the pacer holds it."""
+        pace = self.pacer
+        if pace is None:
+            return 0.0
+        wait = pace.wait(now, full)
+        if wait <= 0.0:
+            pace.on_call(now)
+            return 0.0
+        return wait
 
     def _form_locked(self) -> list[Item]:
         batch: list[Item] = []

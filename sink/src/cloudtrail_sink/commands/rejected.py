@@ -32,7 +32,6 @@ import os
 import sys
 from typing import Any, Iterator
 
-
 from .. import spool
 from ..spool.rejected import Unreadable, read_entries, rejected_files, rewrite
 from . import SubParsers
@@ -173,13 +172,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     writer.write(event, tag=str(entry.get("tag", "")),
                                  time=float(entry.get("time") or 0.0))
     for name, mapped, still in plans:
-        if not mapped and name not in dropped_from:
-            if still:
-                rewrite(lay, name, still)  # refresh the reasons
-            continue
         if still:
-            rewrite(lay, name, still)
-        else:
+            rewrite(lay, name, still)  # also refreshes the reasons of a file nothing left
+        elif mapped or name in dropped_from:
             os.remove(os.path.join(lay.rejected, name))
     print(f"replayed {n_mapped} record(s) into ready/; {n_still} still rejected{drops}")
     return status

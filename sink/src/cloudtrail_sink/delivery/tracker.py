@@ -100,8 +100,7 @@ class SegmentTracker:
         """Start tracking a segment; returns it and the offsets already settled before (a dry
         run reads them too, so it shows what the next run would send, and writes nothing)."""
         journal = self.journal
-        seg = Segment(name, path, SegmentJournal(journal, name)
-                      if journal is not None and self.delete else None)
+        seg = Segment(name, path, self._segment_journal(name))
         with self._cond:
             self.open_segments[name] = seg
         return seg, (journal.settled(name) if journal is not None else set())
@@ -112,10 +111,14 @@ class SegmentTracker:
         path = self._undeleted.pop(name, None)
         if path is None:
             return False
-        seg = Segment(name, path, SegmentJournal(self.journal, name)
-                      if self.journal is not None and self.delete else None)
-        self._complete(seg, retried=True)
+        self._complete(Segment(name, path, self._segment_journal(name)), retried=True)
         return True
+
+    def _segment_journal(self, name: str) -> SegmentJournal | None:
+        """The segment's view of the journal; None in a dry run, which writes nothing."""
+        if self.journal is None or not self.delete:
+            return None
+        return SegmentJournal(self.journal, name)
 
     def add(self, seg: Segment, n: int = 1) -> None:
         with self._cond:

@@ -305,6 +305,21 @@ def _unlink_quietly(path: str | None) -> None:
         pass
 
 
+def regular_files(folder: str, suffix: str) -> list[str]:
+    """Names in ``folder`` ending in ``suffix`` that are regular files (no symlinks), sorted
+    (sealing order); none when the folder is missing."""
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(suffix) and os.path.isfile(path) and not os.path.islink(path):
+            out.append(name)
+    return out
+
+
 class NotRegularFile(OSError):
     """The path is a symlink, FIFO, device or folder: it is never read."""
 

@@ -12,17 +12,11 @@ from __future__ import annotations
 import json
 import os
 
-from . import Layout
+from . import Layout, regular_files
 
 
 def failed_files(lay: Layout) -> list[str]:
-    try:
-        names = sorted(os.listdir(lay.failed))
-    except FileNotFoundError:
-        return []
-    return [n for n in names if n.endswith(".jsonl")
-            and os.path.isfile(os.path.join(lay.failed, n))
-            and not os.path.islink(os.path.join(lay.failed, n))]
+    return regular_files(lay.failed, ".jsonl")
 
 
 def read_lines(path: str) -> list[tuple[int, str, dict | None]]:

@@ -12,7 +12,7 @@ import os
 
 import msgpack
 
-from . import Layout, open_segment
+from . import Layout, open_segment, regular_files
 
 
 class Unreadable(Exception):
@@ -21,16 +21,7 @@ class Unreadable(Exception):
 
 def rejected_files(lay: Layout) -> list[str]:
     """Names in ``rejected/`` that are regular ``.rej`` files, in sealing order."""
-    try:
-        names = sorted(os.listdir(lay.rejected))
-    except FileNotFoundError:
-        return []
-    out = []
-    for name in names:
-        path = os.path.join(lay.rejected, name)
-        if name.endswith(".rej") and os.path.isfile(path) and not os.path.islink(path):
-            out.append(name)
-    return out
+    return regular_files(lay.rejected, ".rej")
 
 
 def read_entries(path: str) -> list[dict]:
