@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings, strategies as st
+
 from cloudtrail_sink import events
 from cloudtrail_sink.backoff import FullJitter, Pause
 from cloudtrail_sink.batcher import Batcher, Item
@@ -81,6 +83,45 @@ def test_linger_hands_out_a_partial_batch_only_when_due():
     assert [it.p.id for it in b.take(timeout=0)] == ["evt-1"]
 
 
+def test_a_jittered_linger_is_drawn_again_for_every_batch():
+    # With pacing on the sink jitters the linger (pacing.LINGER_JITTER): each batch waits
+    # linger * (1 + J * (2u - 1)) for its own draw u, so calls fed on a fixed cadence change phase.
+    clock = FakeClock()
+    b = Batcher(linger=0.2, clock=clock, linger_jitter=0.5, rand=SeqRandom([0.0, 1.0, 0.5]))
+    waited = []
+    for i in range(2):
+        start = clock.t
+        b.add(item(i))
+        while (batch := b.take(timeout=0)) is None:
+            clock.t = round(clock.t + 0.01, 2)
+        assert [it.p.id for it in batch] == [f"evt-{i}"]
+        waited.append(round(clock.t - start, 2))
+    assert waited == [0.1, 0.3]  # 0.2 x 0.5, then 0.2 x 1.5
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), jitter=st.sampled_from([0.0, 0.25, 0.5, 1.0]))
+def test_every_partial_batch_waits_within_the_jittered_linger_and_retries_stay_due(seed, jitter):
+    clock = FakeClock()
+    b = Batcher(linger=0.2, clock=clock, linger_jitter=jitter, rand=random.Random(seed))
+    waited = []
+    for i in range(30):
+        start = clock.t
+        b.add(item(i))
+        while (batch := b.take(timeout=0)) is None:
+            clock.t += 0.005
+        waited.append(clock.t - start)
+        assert len(batch) == 1
+    assert all(0.2 * (1 - jitter) - 1e-9 <= w <= 0.2 * (1 + jitter) + 0.005 + 1e-9
+               for w in waited)
+    if jitter:
+        assert max(waited) - min(waited) > 0.2 * jitter / 2  # the draws differ
+    # A retry whose delay is over goes at once, whatever the current draw.
+    b.retry([item("r")], 1.0)
+    clock.t += 1.0
+    assert [it.p.id for it in b.take(timeout=0)] == ["evt-r"]
+
+
 def test_retries_wait_their_delay_then_go_first():
     clock = FakeClock()
     b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=clock)
@@ -141,9 +182,6 @@ def test_pause_doubles_up_to_its_cap_and_clears_on_success():
     assert p.remaining() == 0 and p.paused  # still paused until a request succeeds
     p.succeed()
     assert not p.paused and p.fail("x") == 1.0
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,7 +1,8 @@
 """Throttle-aware pacing (cloudtrail_sink.pacing) with the clock and randomness injected: the
 interval grows under throttling, shrinks back when it stops, never delays a full batch, never
 exceeds its maximum; the call-rate ceiling holds; pacers sharing one quota converge to fair
-shares; the Batcher uses the pacer's interval as the linger of a batch that is not full; a
+shares, and a linger drawn per batch keeps the quota's throttles from falling on the paced
+sinks alone; the Batcher uses the pacer's interval as the linger of a batch that is not full; a
 throttled batch, full or not, comes back on the pacing interval (except while draining)."""
 
 from __future__ import annotations
@@ -215,15 +216,22 @@ class SharedQuota:
 
 def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
              per_second: int = 5, step: float = 0.02, linger: float = 0.2, backlog: int = 0,
-             retry_floor: bool = True):
+             retry_floor: bool = True, linger_jitter: float = pacing.LINGER_JITTER):
     """``n`` sinks, each sealing a segment of ``per_second`` events every second (out of step)
     and holding ``backlog`` events at the start, sharing one quota; a throttled batch's events
     come back after the runner's backoff (within a second) or, with ``retry_floor`` (the
     settler's rule), no earlier than the pacer lets a batch that is not full go; then they wait
-    for the pacer like any batch (a full one only for the floor). Returns per-sink accepted
-    calls and events in the second half, the share of throttled calls, the events never
-    delivered and when each call and each throttled call was made."""
+    for the pacer like any batch (a full one only for the floor). A batch that is not full
+    lingers ``linger * (1 + linger_jitter * v)``, ``v`` drawn in ``[-1, 1]`` after each call, as
+    the Batcher does with pacing on. Returns per-sink accepted calls and events in the second
+    half, the share of throttled calls, the events never delivered, when each call and each
+    throttled call was made, and which sink each throttled call was from."""
     rnd = random.Random(seed)
+    draw = random.Random(seed * 7919 + 1)
+
+    def a_linger() -> float:
+        return linger * (1.0 + linger_jitter * (2.0 * draw.random() - 1.0))
+
     clock = FakeClock(0.0)
     pacers = [Pacer(10.0 if paced else 0.0, 0.0, clock=clock, rand=random.Random(seed + i))
               for i in range(n)]
@@ -232,7 +240,8 @@ def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
     pending = [[[0.0, backlog]] if backlog else [] for _ in range(n)]  # [since, count]
     retry = [[] for _ in range(n)]  # [due, count]
     written, delivered, calls, throttled = n * backlog, 0, 0, 0
-    call_times, throttle_times = [], []
+    call_times, throttle_times, throttled_sinks = [], [], []
+    lingers = [a_linger() for _ in range(n)]
     late_calls = [0] * n
     late_events = [0] * n
     for k in range(int((seconds + 30) / step)):
@@ -244,12 +253,12 @@ def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
                 next_seal[i] += 1.0
             for r in [r for r in retry[i] if r[0] <= now]:
                 retry[i].remove(r)
-                pending[i].insert(0, [now - linger, r[1]])
+                pending[i].insert(0, [now - lingers[i], r[1]])
             count = sum(c for _, c in pending[i])
             if not count:
                 continue
             full = count >= 100
-            if not full and pending[i][0][0] + linger > now:
+            if not full and pending[i][0][0] + lingers[i] > now:
                 continue
             if pacers[i].wait(now, full) > 0:
                 continue
@@ -261,6 +270,7 @@ def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
                 if not pending[i][0][1]:
                     pending[i].pop(0)
             pacers[i].on_call(now)
+            lingers[i] = a_linger()
             calls += 1
             call_times.append(now)
             if quota_.take(now):
@@ -272,6 +282,7 @@ def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
             else:
                 throttled += 1
                 throttle_times.append(now)
+                throttled_sinks.append(i)
                 answered = now + step / 2
                 pacers[i].on_response(True, answered)
                 floor = pacers[i].wait(answered, False) if retry_floor else 0.0
@@ -279,7 +290,7 @@ def simulate(n: int, quota: float, seconds: float, paced: bool, seed: int = 7,
     return {"late_calls": late_calls, "late_events": late_events,
             "throttled_share": throttled / calls, "lost": written - delivered,
             "intervals": [p.interval for p in pacers], "call_times": call_times,
-            "throttle_times": throttle_times}
+            "throttle_times": throttle_times, "throttled_sinks": throttled_sinks}
 
 
 def test_pacers_sharing_one_quota_converge_to_fair_shares_without_a_coordinator():
@@ -306,8 +317,8 @@ def test_forty_sinks_starting_at_once_stay_within_the_issue_targets():
         assert r["lost"] == 0
         mean = sum(r["late_events"]) / 40
         assert min(r["late_events"]) >= 0.5 * mean  # no node below half the mean
-    # At most 10% of calls throttled (the issue's limit), as a mean over the seeds.
-    assert sum(r["throttled_share"] for r in runs) / len(runs) <= 0.10
+    # At most 10% of calls throttled (the issue's limit), in every run.
+    assert max(r["throttled_share"] for r in runs) <= 0.10
     # Most throttled calls are the first contact: in the first 10 s 40 unpaced sinks meet a
     # quota of 10 calls/s and each learns of it only from its own throttled call. After that,
     # the sinks probe the freed quota gently: under 3% of the calls from 30 s on are throttled.
@@ -316,6 +327,42 @@ def test_forty_sinks_starting_at_once_stay_within_the_issue_targets():
     late_calls = sum(sum(1 for t in r["call_times"] if t >= 30.0) for r in runs)
     late_throttled = sum(sum(1 for t in r["throttle_times"] if t >= 30.0) for r in runs)
     assert late_throttled <= 0.03 * late_calls
+
+
+def throttles_after(runs, t0: float) -> tuple[int, int]:
+    """Throttled calls from ``t0`` on, and how many of them hit a sink throttled before."""
+    total = again = 0
+    for r in runs:
+        seen = set()
+        for t, sink in zip(r["throttle_times"], r["throttled_sinks"]):
+            if t >= t0:
+                total += 1
+                again += sink in seen
+            seen.add(sink)
+    return total, again
+
+
+def test_a_jittered_linger_lets_the_quota_reach_the_sinks_it_never_throttled():
+    # 40 sinks fed one segment a second at fixed phases. With a fixed linger every unpaced sink
+    # calls at the same instant of each second, the token bucket keeps a token for it, and the
+    # calls out of step (the paced sinks') are refused again and again while the unpaced sinks
+    # keep the quota: throttles go on long after the start-up. A linger drawn for every batch
+    # (the Batcher's, with pacing on) moves the calls within the second; the throttles then
+    # reach the sinks that call most, and stop.
+    fixed = [simulate(40, 10.0, 60.0, paced=True, seed=seed, linger_jitter=0.0)
+             for seed in range(16)]
+    drawn = [simulate(40, 10.0, 60.0, paced=True, seed=seed) for seed in range(16)]
+    assert all(r["lost"] == 0 for r in fixed + drawn)
+    after_fixed, again_fixed = throttles_after(fixed, 5.0)
+    after_drawn, _ = throttles_after(drawn, 5.0)
+    # With a fixed linger most throttles after the start-up hit sinks already paced...
+    assert again_fixed >= 0.6 * after_fixed
+    # ...and a drawn one needs a quarter fewer of them, under half as many from 15 s on.
+    assert after_drawn <= 0.75 * after_fixed
+    assert throttles_after(drawn, 15.0)[0] * 2 <= throttles_after(fixed, 15.0)[0]
+    mean = lambda runs: sum(r["throttled_share"] for r in runs) / len(runs)  # noqa: E731
+    assert mean(drawn) <= mean(fixed) - 0.005
+    assert max(r["throttled_share"] for r in drawn) <= 0.10
 
 
 def test_sinks_with_full_backlogs_retry_on_their_pacing_not_in_a_storm():
@@ -370,6 +417,19 @@ def test_batcher_honours_the_ceiling_for_full_batches():
     assert b.take(timeout=0) is None  # full, but the ceiling is 2 calls/s
     clock.t += 0.5
     assert len(b.take(timeout=0)) == 10
+
+
+def test_the_sink_draws_each_linger_while_pacing_and_keeps_it_exact_without(tmp_path):
+    from cloudtrail_sink.delivery.coordinator import Runner
+
+    from sinksupport import drain_config
+
+    paced = Runner(drain_config(tmp_path / "paced"), sender=object())
+    plain = Runner(drain_config(tmp_path / "plain", max_pacing_delay_ms=0), sender=object())
+    assert paced.batcher.linger_jitter == pacing.LINGER_JITTER > 0
+    assert plain.batcher.linger_jitter == 0.0
+    # One Random for the sink: the Batcher draws from the one passed in (tests inject it).
+    assert paced.batcher.rand is paced.rand
 
 
 def paced_settling(clock: FakeClock):

@@ -7,8 +7,12 @@ Contract of :meth:`Batcher.take` (called by each sender worker, blocks until it 
 - No two events in a batch share an ``id``: an event whose id and ``eventData`` text equal one
   already in the batch rides along as an *alias* (sent once, settled together); an event with the
   same id but different data waits for a later batch.
-- A batch is handed out when full, or when its oldest event waited ``linger`` seconds, or at once
-  when ``flush()`` was requested (drain, shutdown). Events whose retry time came are taken first.
+- A batch is handed out when full, or when its oldest event waited the linger, or at once when
+  ``flush()`` was requested (drain, shutdown). Events whose retry time came are taken first.
+- The linger is ``linger * (1 + linger_jitter * v)`` seconds, ``v`` uniform in ``[-1, 1]``, drawn
+  again after each batch formed (``linger_jitter`` 0: exactly ``linger``). The sink draws it
+  with pacing on (``pacing.LINGER_JITTER``) so that the calls of a sink fed one segment a second
+  do not keep the same phase: see "Why the linger is jittered" in ``pacing.py``.
 - Re-formed batches (``requeue_batch``, used after a split) are handed out before anything else.
 - With a ``pacer`` (:class:`~cloudtrail_sink.pacing.Pacer`), a batch that is due is handed out
   only once ``pacer.wait(now, full)`` is 0: a batch that is not full also waits for the pacing
@@ -25,6 +29,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import random
 import threading
 import time
 from typing import Callable
@@ -52,12 +57,18 @@ class Item:
 
 class Batcher:
     def __init__(self, max_events: int = 100, max_bytes: int = 999_000, linger: float = 0.2,
-                 clock: Callable[[], float] = time.monotonic, pacer=None):
+                 clock: Callable[[], float] = time.monotonic, pacer=None,
+                 linger_jitter: float = 0.0, rand: random.Random | None = None):
+        if not 0.0 <= linger_jitter <= 1.0:
+            raise ValueError("linger_jitter must be within [0, 1]")
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.linger = linger
+        self.linger_jitter = linger_jitter
+        self.rand = rand or random.Random()
         self.clock = clock
         self.pacer = pacer
+        self._linger = self._draw_linger()  # this batch's linger
         self._pending: collections.deque[Item] = collections.deque()
         self._pending_bytes = 0
         self._retry: list[tuple[float, int, Item]] = []
@@ -139,7 +150,7 @@ class Batcher:
                 now = self.clock()
                 while self._retry and self._retry[0][0] <= now:
                     item = heapq.heappop(self._retry)[2]
-                    item.since = now - self.linger  # a retry is due now, not after a new linger
+                    item.since = now - self._linger  # a retry is due now, not after a new linger
                     self._pending.appendleft(item)
                     self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
                 held = None  # when the pacer lets the due batch go
@@ -150,10 +161,11 @@ class Batcher:
                     held = now + wait
                 elif self._pending:
                     full = self._flush or self._full_locked()
-                    if full or self._pending[0].since + self.linger <= now:
+                    if full or self._pending[0].since + self._linger <= now:
                         wait = self._paced(now, full)
                         if wait <= 0.0:
                             batch = self._form_locked()
+                            self._linger = self._draw_linger()
                             if self._pending:
                                 self._cond.notify()  # more may be due for another worker
                             return batch
@@ -162,7 +174,7 @@ class Batcher:
                 if held is not None:
                     wake.append(held)
                 elif self._pending:
-                    wake.append(self._pending[0].since + self.linger)
+                    wake.append(self._pending[0].since + self._linger)
                 if self._retry:
                     wake.append(self._retry[0][0])
                 if give_up is not None:
@@ -171,6 +183,11 @@ class Batcher:
                     wake.append(give_up)
                 self._cond.wait(max(0.0, min(wake) - now) if wake else None)
             return None
+
+    def _draw_linger(self) -> float:
+        if not self.linger_jitter:
+            return self.linger
+        return self.linger * (1.0 + self.linger_jitter * (2.0 * self.rand.random() - 1.0))
 
     def _paced(self, now: float, full: bool) -> float:
         """0 when a due batch may go now (the pacer, if any, is told of the call), else the
