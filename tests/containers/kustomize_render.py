@@ -8,20 +8,25 @@ Without kubectl, :func:`render_minimal` renders the subset of kustomize these ma
 the schema checks still run: ``resources`` (files and folders holding a kustomization),
 ``components`` (folders of ``kind: Component``, applied to what the resources gave before the
 kustomization's own generators and patches), ``namespace``, ``labels`` (``pairs``, without
-selectors), ``configMapGenerator`` (``files``, ``envs``, ``behavior: replace`` or ``merge``,
-``options.disableNameSuffixHash``), ``images`` (``newName``, ``newTag``) and ``patches``
+selectors), ``configMapGenerator`` (``files``, ``envs``, ``literals``, ``behavior: replace`` or
+``merge``, ``options.disableNameSuffixHash``), ``images`` (``newName``, ``newTag``) and ``patches``
 (inline JSON6902 ``add`` / ``replace`` operations, or a strategic merge patch, inline or in a
 ``path`` file, whose lists of containers, volumes, env and mounts merge by name or mountPath and
 honour ``$patch: delete``; new items go first, as kustomize puts them), applied to the resources
 a ``target`` selects (``group``, ``kind`` and ``name``: regular expressions, as in kustomize;
-``name`` may be left out). Generated ConfigMaps keep their plain names (no hash suffix);
-anything else it meets is an error, so a kustomization that outgrows it fails loudly rather than
-renders wrong.
+``name`` may be left out). As kustomize does, once the whole tree is built, a generated
+ConfigMap gets its content hash appended to its name (:func:`content_hash`) unless a generator of
+that name set ``disableNameSuffixHash`` (a base's choice holds for an overlay's ``merge`` or
+``replace``), and every reference by the original name in a pod template (``envFrom``,
+``configMapKeyRef``, ``configMap`` and ``projected`` volumes) is rewritten to it. Anything else it
+meets is an error, so a kustomization that outgrows it fails loudly rather than renders wrong.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import pathlib
 import re
 import shutil
@@ -31,6 +36,8 @@ import yaml
 
 SUPPORTED = {"apiVersion", "kind", "resources", "components", "namespace", "labels",
              "configMapGenerator", "images", "patches"}
+# Set on a generated ConfigMap while the tree is built: does it get a hash suffix at the end?
+_NEEDS_HASH = "__needs_hash_suffix__"
 
 
 def render(folder: pathlib.Path) -> list[dict]:
@@ -68,13 +75,70 @@ def _generate(folder: pathlib.Path, spec: dict) -> dict:
         data[path.name] = path.read_text()
     for item in spec.get("envs", []):
         data.update(_env_file(_inside(folder, item)))
-    unknown = set(spec) - {"name", "files", "envs", "behavior", "options"}
+    for literal in spec.get("literals", []):
+        key, sep, value = literal.partition("=")
+        if not sep:
+            raise ValueError(f"{folder}: configMapGenerator literal {literal!r} is not KEY=VALUE")
+        # kustomize strips one pair of matching quotes around the value.
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        data[key] = value
+    unknown = set(spec) - {"name", "files", "envs", "literals", "behavior", "options"}
     if set(spec.get("options", {})) - {"disableNameSuffixHash"}:
         raise ValueError(f"{folder}: configMapGenerator options not supported: {spec['options']}")
     if unknown:
         raise ValueError(f"{folder}: configMapGenerator fields not supported: {sorted(unknown)}")
-    generated = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": spec["name"]}}
+    generated = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": spec["name"]},
+                 _NEEDS_HASH: not spec.get("options", {}).get("disableNameSuffixHash", False)}
     return {**generated, "data": data} if data else generated
+
+
+def content_hash(config_map: dict) -> str:
+    """kustomize's name suffix for a ConfigMap: 10 characters of the SHA-256 of its data.
+
+    As kustomize v5 computes it (api/hasher): Go's ``json.Marshal`` of ``{"data", "kind",
+    "name"}`` (keys sorted, no spaces, ``<``, ``>``, ``&``, U+2028 and U+2029 escaped; the name
+    left empty, ``""`` for no data), its first 10 hex digits with 0, 1, 3, a, e spelled g, h, k,
+    m, t (kubectl's encoding, which keeps vowels and look-alike digits out of names).
+    """
+    if set(config_map) & {"binaryData", "immutable"}:
+        raise ValueError(f"{config_map['metadata']['name']}: hash of binaryData or immutable "
+                         "not supported")
+    encoded = json.dumps({"data": config_map.get("data") or "", "kind": "ConfigMap", "name": ""},
+                         sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for char in "<>&\u2028\u2029":
+        encoded = encoded.replace(char, f"\\u{ord(char):04x}")
+    digest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
+
+
+def config_map_refs(doc: dict):
+    """The dicts whose ``name`` names a ConfigMap in ``doc``'s pod (template)."""
+    spec = _pod_spec(doc)
+    for container in list(_containers(doc)) + spec.get("ephemeralContainers", []):
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                yield source["configMapRef"]
+        for env in container.get("env", []):
+            if "configMapKeyRef" in env.get("valueFrom", {}):
+                yield env["valueFrom"]["configMapKeyRef"]
+    for volume in spec.get("volumes", []):
+        if "configMap" in volume:
+            yield volume["configMap"]
+        for source in volume.get("projected", {}).get("sources", []):
+            if "configMap" in source:
+                yield source["configMap"]
+
+
+def _add_hash_suffixes(docs: list[dict]) -> None:
+    renamed = {}
+    for doc in docs:
+        if doc.pop(_NEEDS_HASH, False):
+            name = doc["metadata"]["name"]
+            doc["metadata"]["name"] = renamed[name] = f"{name}-{content_hash(doc)}"
+    for doc in docs:
+        for ref in config_map_refs(doc):
+            ref["name"] = renamed.get(ref["name"], ref["name"])
 
 
 def _pointer_set(doc: dict, path: str, value, op: str) -> None:
@@ -115,8 +179,14 @@ def _strategic_merge(node: dict, patch: dict) -> None:
             node[key] = value
 
 
+def _pod_spec(doc: dict) -> dict:
+    if doc["kind"] == "Pod":
+        return doc.get("spec", {})
+    return doc.get("spec", {}).get("template", {}).get("spec", {})
+
+
 def _containers(doc: dict):
-    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    spec = _pod_spec(doc)
     for key in ("initContainers", "containers"):
         yield from spec.get(key, [])
 
@@ -128,8 +198,15 @@ def _selects(target: dict, doc: dict) -> bool:
             and re.fullmatch(target.get("group", ".*"), group) is not None)
 
 
-def render_minimal(folder: pathlib.Path, accumulated: list[dict] | None = None) -> list[dict]:
-    """The resources of the kustomization in ``folder``; a component's edit ``accumulated``."""
+def render_minimal(folder: pathlib.Path) -> list[dict]:
+    """The resources of the kustomization in ``folder``, as ``kubectl kustomize`` prints them."""
+    docs = _build(folder)
+    _add_hash_suffixes(docs)  # last, over the whole tree, as kustomize does
+    return docs
+
+
+def _build(folder: pathlib.Path, accumulated: list[dict] | None = None) -> list[dict]:
+    """The kustomization in ``folder`` before hash suffixes; a component's edit ``accumulated``."""
     kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
     unknown = set(kust) - SUPPORTED
     if unknown:
@@ -140,18 +217,20 @@ def render_minimal(folder: pathlib.Path, accumulated: list[dict] | None = None) 
     for item in kust.get("resources", []):
         path = (folder / item)
         if path.is_dir():
-            docs.extend(render_minimal(path))
+            docs.extend(_build(path))
         else:
             docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     for item in kust.get("components", []):
-        docs = render_minimal(folder / item, docs)
+        docs = _build(folder / item, docs)
     for spec in kust.get("configMapGenerator", []):
         generated = _generate(folder, spec)
         if spec.get("behavior") in ("replace", "merge"):
             for d in docs:
                 if d["kind"] == "ConfigMap" and d["metadata"]["name"] == spec["name"]:
-                    # The base's object (name, namespace, labels), with more or other data.
+                    # The base's object (name, namespace, labels), with more or other data;
+                    # a hash suffix the base disabled stays disabled.
                     generated["metadata"] = d["metadata"]
+                    generated[_NEEDS_HASH] = generated[_NEEDS_HASH] and d.get(_NEEDS_HASH, False)
                     if spec["behavior"] == "merge":
                         generated["data"] = {**d.get("data", {}), **generated.get("data", {})}
             docs = [d for d in docs if not (d["kind"] == "ConfigMap"

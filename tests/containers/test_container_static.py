@@ -15,6 +15,10 @@ No engine needed. What a user relies on:
   its promises (hostPath spool and positions, probes on the real health endpoints, least
   privilege, a grace period longer than the components', a `mappings` sidecar watching the
   shipped rules and the ConfigMap mounted in place, with a name that never changes);
+- the sink's settings ConfigMap (`cloudtrail-shipper-config`) has a content-hashed name that
+  every sink's envFrom uses, in the DaemonSet as in the aggregator StatefulSet, so a changed
+  config.env (the base's or an overlay's) or overlay literal renames it and rolls those pods;
+- the fallback renderer gives what kubectl does, generated names' hash suffixes included;
 - the example overlay's own rules compile with the shipped ones and their examples pass;
 - the aggregator overlay: forwarders without Lua filter or sidecar; aggregators that run the
   base's very `mappings` sidecar (one kustomize component) on the same ConfigMap; everything in
@@ -198,17 +202,13 @@ def rendered_daemonset(request):
 
 
 def assert_the_renderers_agree(folder: pathlib.Path) -> None:
-    """The fallback renders exactly what kubectl does, but for generated names' hash suffix."""
+    """The fallback renders exactly what kubectl does, generated names' hash suffixes included."""
     fallback = kustomize_render.render_minimal(folder)
-    text = json.dumps(kustomize_render.render(folder))
-    for name in {d["metadata"]["name"] for d in fallback if d["kind"] == "ConfigMap"}:
-        # kubectl appends a content hash to a generated name unless told not to
-        text = re.sub(rf'"{re.escape(name)}-[a-z0-9]{{10}}"', json.dumps(name), text)
 
     def key(doc):
         return doc["kind"], doc["metadata"]["name"]
 
-    assert sorted(json.loads(text), key=key) == sorted(fallback, key=key)
+    assert sorted(kustomize_render.render(folder), key=key) == sorted(fallback, key=key)
 
 
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS)
@@ -462,6 +462,92 @@ def test_aggregators_spool_on_their_own_claims_behind_a_service_and_a_budget(agg
     assert pod["serviceAccountName"] == one(aggregator, "ServiceAccount")["metadata"]["name"]
     sink_env = {e["name"]: e.get("value") for e in sink["env"]}
     assert pod["terminationGracePeriodSeconds"] > float(sink_env["CLOUDTRAIL_SINK_GRACE_SECONDS"]) + 5
+
+
+SINK_CONFIG = "cloudtrail-shipper-config"
+
+
+def sink_config_names(docs: list[dict]) -> tuple[str, dict[str, set[str]]]:
+    """The sink's ConfigMap's name, and per workload every ConfigMap name it refers to for it.
+
+    A reference counts when it names that ConfigMap or any name built on SINK_CONFIG, so a
+    reference left behind on the unhashed name (or an old hash) shows up as one more name.
+    """
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"
+                     and d["metadata"]["name"].startswith(SINK_CONFIG)]
+    name = config_map["metadata"]["name"]
+    refs = {}
+    for doc in docs:
+        found = {r["name"] for r in kustomize_render.config_map_refs(doc)
+                 if r["name"] == name or r["name"].startswith(SINK_CONFIG)}
+        if found:
+            refs[f"{doc['kind']}/{doc['metadata']['name']}"] = found
+    return name, refs
+
+
+def render_changed(tmp_path: pathlib.Path, kustomization: str, edit) -> list[dict]:
+    """``kustomization`` rendered from a copy of deploy/ in which ``edit(copy)`` changed a file."""
+    tree = tmp_path / "deploy" / "kubernetes"
+    if not tree.exists():
+        shutil.copytree(K8S, tree)
+    edit(tree)
+    folder = tmp_path / kustomization
+    assert_the_renderers_agree(folder)
+    return kustomize_render.render(folder)
+
+
+def set_env(path: pathlib.Path, key: str, value: str) -> None:
+    lines = [line for line in path.read_text().splitlines() if not line.startswith(f"{key}=")]
+    path.write_text("\n".join(lines + [f"{key}={value}"]) + "\n")
+
+
+@pytest.mark.parametrize("kustomization, env_file, workloads", [
+    ("deploy/kubernetes", "base/config.env", {"DaemonSet/cloudtrail-shipper"}),
+    ("deploy/kubernetes/overlays/eks-irsa", "overlays/eks-irsa/config.env",
+     {"DaemonSet/cloudtrail-shipper"}),
+    ("deploy/kubernetes/overlays/aggregator", "base/config.env",
+     {"StatefulSet/cloudtrail-aggregator"}),
+])
+@pytest.mark.parametrize("key, value", [("CLOUDTRAIL_SINK_MAX_CALLS_PER_SECOND", "0.3"),
+                                        ("AWS_REGION", "eu-west-1")])
+def test_a_changed_sink_setting_renames_its_config_map_and_rolls_every_sink(
+        kustomization, env_file, workloads, key, value, tmp_path):
+    """envFrom is read at container start only: a new setting reaches the sinks by a rollout,
+    which a new pod template (a new hashed name in it) starts on `kubectl apply -k`."""
+    name, refs = sink_config_names(kustomize_render.render(REPO / kustomization))
+    assert re.fullmatch(rf"{SINK_CONFIG}-[a-z0-9]{{10}}", name), name
+    # Every sink reads it, by exactly that name (a workload without a sink, such as the
+    # aggregator overlay's forwarders, has no reference and need not roll).
+    assert set(refs) == workloads and all(r == {name} for r in refs.values()), refs
+
+    docs = render_changed(tmp_path, kustomization,
+                          lambda tree: set_env(tree / env_file, key, value))
+    new_name, new_refs = sink_config_names(docs)
+    config_map = one(docs, "ConfigMap", new_name)
+    assert config_map["data"][key] == value
+    assert new_name != name and re.fullmatch(rf"{SINK_CONFIG}-[a-z0-9]{{10}}", new_name)
+    assert new_refs == {w: {new_name} for w in workloads}
+    # The mapping rules' ConfigMap keeps its name: kubelet updates it in place, no rollout.
+    mappings = one(docs, "ConfigMap", "cloudtrail-mappings")
+    assert mappings["metadata"]["name"] == "cloudtrail-mappings"
+
+
+def test_sink_settings_of_an_overlay_on_the_aggregators_roll_them(tmp_path):
+    """Your own overlay over overlays/aggregator adds or changes a sink setting by `literals`."""
+    before, _ = sink_config_names(kustomize_render.render(K8S / "overlays" / "aggregator"))
+    mine = tmp_path / "my-aggregator"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(
+        "resources:\n  - ../deploy/kubernetes/overlays/aggregator\n"
+        "configMapGenerator:\n  - name: cloudtrail-shipper-config\n    behavior: merge\n"
+        "    literals:\n      - CLOUDTRAIL_SINK_MAX_CALLS_PER_SECOND=20\n")
+    docs = render_changed(tmp_path, "my-aggregator", lambda tree: None)
+    name, refs = sink_config_names(docs)
+    assert name != before and re.fullmatch(rf"{SINK_CONFIG}-[a-z0-9]{{10}}", name)
+    assert refs == {"StatefulSet/cloudtrail-aggregator": {name}}
+    config_map = one(docs, "ConfigMap", name)
+    assert config_map["data"]["CLOUDTRAIL_SINK_MAX_CALLS_PER_SECOND"] == "20"
+    assert config_map["data"]["CLOUDTRAIL_CHANNEL_ARN"].startswith("arn:aws:cloudtrail:")
 
 
 def test_aggregators_map_with_the_same_mappings_sidecar_as_the_daemonset(aggregator):
