@@ -120,7 +120,6 @@ def test_every_record_is_settled_in_exactly_one_place(tmp_path, emulator):
     assert len(quarantined(spool_dir)) == 2  # the string and the array: one run, + reason
 
 
-
 def test_a_record_the_check_raises_on_is_dead_lettered_with_its_bytes_read_once(
         tmp_path, emulator, monkeypatch):
     """Whatever ``events.build`` raises on is refused as InvalidData under an id made from the
