@@ -3,12 +3,15 @@ ready/ or rejected/ intact, and every event in ready/ decodes and passes the emu
 
 from __future__ import annotations
 
+import collections
+import json
 import math
 import pathlib
+import re
 import tempfile
 
 import msgpack
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cloudtrail_sink.luaharness import from_lua, new_runtime, to_lua
@@ -158,3 +161,58 @@ def test_segments_decode_with_python_msgpack_strictly(lua_filter, spool):
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
     unpacker.feed(data)
     assert len(list(unpacker)) == 5
+
+
+def drop_counter_name(name: bytes) -> str:
+    """How the filter shows a rule name in the status file's drop counts: as it is when it is
+    valid UTF-8, else with every byte 0x80-0xFF as '?' (JSON must stay UTF-8)."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return re.sub(rb"[\x80-\xff]", b"?", name).decode("ascii")
+
+
+def drop_rule_file(path: pathlib.Path, name: bytes) -> None:
+    """A mappings file as one written by hand may be (the compiler only writes names of
+    [A-Za-z0-9_.-]): one drop: rule whose name is `name`, any bytes."""
+    src = path.with_suffix(".yaml")
+    src.write_text("rules:\n  - name: PLACEHOLDER\n    match: {tag: 'kube.*'}\n"
+                   "    drop: not the final stage\n")
+    literal = '"' + "".join("\\%03d" % b for b in name) + '"'
+    path.write_text(compile_files([src]).lua_text().replace('"PLACEHOLDER"', literal, 1))
+
+
+@SETTINGS
+@given(first=st.one_of(st.binary(max_size=12), invalid_utf8,
+                       st.text(max_size=6).map(lambda t: t.encode())),
+       second=st.one_of(st.binary(max_size=12), invalid_utf8))
+@example(first=b"bad\xffname", second="caf\u00e9".encode())
+@example(first="caf\u00e9\x01".encode() + b"\xff", second=b"tab\there")
+def test_drop_counts_name_each_rule_by_its_cleaned_name_across_a_reload(first, second):
+    """Rule names are cleaned when the rules are built (at start and at every reload), not
+    per record: the status file must show the same names the per-record clean did."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = pathlib.Path(tmp) / "spool"
+        rules = pathlib.Path(tmp) / "rules.lua"
+        drop_rule_file(rules, first)
+        f = LuaFilter(spool, {"CLOUDTRAIL_SPOOL_DIR": str(spool),
+                              "CLOUDTRAIL_MAPPINGS": str(rules)}, real_mapper=True)
+
+        def dropped():
+            return json.loads((spool / "mappings-status.json").read_text("utf-8"))["dropped"]
+
+        assert f.call("kube.audit", START, {"stage": "RequestReceived"})[0] == -1
+        f.now = START + 1
+        f.tick()
+        assert dropped() == {drop_counter_name(first): 1}
+        drop_rule_file(rules, second)
+        f.now = START + 2
+        f.tick()  # the file changed: the rules are rebuilt
+        for _ in range(2):
+            assert f.call("kube.audit", START, {"stage": "RequestReceived"})[0] == -1
+        f.now = START + 20
+        f.tick()
+        expected = collections.Counter({drop_counter_name(first): 1})
+        expected[drop_counter_name(second)] += 2
+        assert dropped() == dict(expected)
+        assert not (spool / "rejected").exists() or list((spool / "rejected").iterdir()) == []

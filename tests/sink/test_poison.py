@@ -120,6 +120,47 @@ def test_every_record_is_settled_in_exactly_one_place(tmp_path, emulator):
     assert len(quarantined(spool_dir)) == 2  # the string and the array: one run, + reason
 
 
+def test_a_record_the_check_raises_on_is_dead_lettered_with_its_bytes_read_once(
+        tmp_path, emulator, monkeypatch):
+    """Whatever ``events.build`` raises on is refused as InvalidData under an id made from the
+    record's bytes, which the dead letter keeps; the bytes are read from the segment once."""
+    import hashlib
+
+    from cloudtrail_sink import events
+    from cloudtrail_sink.delivery import reader as segment_reader
+
+    real_build, real_raw = events.build, segment_reader.Record.raw
+    reads: collections.Counter = collections.Counter()
+
+    def build(rec, *args):
+        if rec["eventData"].get("UID") == "evt-boom":
+            raise RuntimeError("a check that breaks")
+        return real_build(rec, *args)
+
+    def raw(entry, f):
+        reads[entry.offset] += 1
+        return real_raw(entry, f)
+
+    monkeypatch.setattr(events, "build", build)
+    monkeypatch.setattr(segment_reader.Record, "raw", raw)
+    spool_dir = tmp_path / "spool"
+    boom = record(event("boom", requestParameters={"bytes": b"\xff"}))  # lossy as JSON
+    refused = record(event("other-account", recipientAccountId="999999999999"))
+    values = [record(event(0)), boom, refused, record(event(1))]
+    segment(spool_dir, 1, b"".join(values))
+    run_drain(drain_config(spool_dir, emulator.url, **DRAIN))
+    assert sorted(stored_uids(emulator)) == ["evt-0", "evt-1"]
+    by_uid = {line["eventData"]["UID"]: line for line in failed_lines(spool_dir)}
+    line = by_uid["evt-boom"]
+    assert line["errorCode"] == "InvalidData"
+    assert line["errorMessage"] == "sink: record cannot be checked (RuntimeError)"
+    assert line["id"] == "r" + hashlib.sha256(boom).hexdigest()[:64]
+    assert base64.b64decode(line[RAW_KEY]) == boom
+    assert by_uid["evt-other-account"]["errorCode"] == "InvalidRecipient"
+    boom_at, refused_at = len(values[0]), len(values[0]) + len(boom)
+    assert reads == {boom_at: 1, refused_at: 1}
+    assert os.listdir(spool_dir / "ready") == [] and quarantined(spool_dir) == []
+
 
 @pytest.mark.timeout(120)
 def test_bytes_crafted_to_make_every_record_search_walk_far_are_read_in_linear_time(tmp_path):

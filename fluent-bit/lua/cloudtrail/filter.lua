@@ -49,8 +49,8 @@ local clock_mod = require("cloudtrail.clock")
 local reload = require("cloudtrail.reload")
 local MAP_MT = require("cloudtrail.json").MAP_MT
 
-local type, tostring, tonumber, pcall, setmetatable, load, setfenv =
-      type, tostring, tonumber, pcall, setmetatable, load, setfenv
+local type, tostring, tonumber, pcall, setmetatable, load, setfenv, ipairs =
+      type, tostring, tonumber, pcall, setmetatable, load, setfenv, ipairs
 local table_concat = table.concat
 local str, float64, map_header, encode_parts, utf8_valid =
       msgpack.str, msgpack.float64, msgpack.map_header, msgpack.encode_parts, msgpack.utf8_valid
@@ -59,6 +59,19 @@ local function safe_text(s)
   s = tostring(s)
   if utf8_valid(s) then return s end
   return (s:gsub("[\128-\255]", "?"))
+end
+
+-- Rule names as the drop counters show them, cleaned once per set of rules instead of once per
+-- dropped record. The compiler only writes names of [A-Za-z0-9_.-]; a mappings file written by
+-- hand can hold any bytes. Keyed by the name the mapper returns (rule.name = the data's name).
+local function safe_rule_names(rules)
+  local names = {}
+  if type(rules) ~= "table" then return names end
+  for _, r in ipairs(rules) do
+    local name = type(r) == "table" and r.name
+    if type(name) == "string" then names[name] = safe_text(name) end
+  end
+  return names
 end
 
 local M = {}
@@ -215,7 +228,8 @@ function M.new(cfg, deps)
   return f
 end
 
--- A mapper built from text (the compiled file's bytes), or nil, err; never raises.
+-- A mapper built from text (the compiled file's bytes), or nil, err; never raises. With the
+-- mapper: nil, the number of rules and their names as the drop counts show them.
 function Filter:build_mapper(text)
   local mappings, err = M.parse_mappings(text, self.cfg.mappings)
   if not mappings then return nil, err end
@@ -232,22 +246,22 @@ function Filter:build_mapper(text)
       .. tostring(ok and new_err or m)
   end
   local rules = type(mappings.rules) == "table" and #mappings.rules or 0
-  return m, nil, rules
+  return m, nil, rules, safe_rule_names(mappings.rules)
 end
 
 -- Installs the rules of `text` (the file as read), or records why it cannot. With rules already
 -- running, a bad file changes nothing but the status: the last good rules stay.
 function Filter:load_mapper(text, read_err)
-  local m, err, rules
+  local m, err, rules, drop_names
   if text == nil then
     err = "cannot load mappings: " .. tostring(read_err)
   else
-    m, err, rules = self:build_mapper(text)
+    m, err, rules, drop_names = self:build_mapper(text)
   end
   local now = self.clock.now()
   if m then
     local reloaded = self.mapper ~= nil or self.mapper_error ~= nil
-    self.mapper, self.mapper_error = m, nil
+    self.mapper, self.mapper_error, self.drop_names = m, nil, drop_names
     self.loaded_at, self.rules, self.status_error = now, rules, nil
     if reloaded then
       self.log("mappings reloaded from " .. self.cfg.mappings .. " (" .. rules .. " rules)")
@@ -382,7 +396,8 @@ function Filter:process(tag, timestamp, record)
   local event, reason, dropped, rule = self:map(tag, timestamp, record)
   if dropped then
     self.stats.dropped = self.stats.dropped + 1
-    local name = safe_text(rule or "?")
+    -- Only a mapper returning a name its rules do not hold (or no string) cleans it here.
+    local name = self.drop_names[rule] or safe_text(rule or "?")
     self.dropped_by_rule[name] = (self.dropped_by_rule[name] or 0) + 1
     self.log(reason)   -- rule text only, never record content; repeats are counted
     return -1, timestamp, record

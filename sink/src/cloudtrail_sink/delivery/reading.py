@@ -146,13 +146,15 @@ class SegmentReading:
                             limit, self._stop.is_set)) or self._stop.is_set():
                         tracker.abandon(seg)
                         return
+                raw = None  # read from the segment once, only for a record that is refused
                 try:
                     built = build(record, account, max_bytes)
                     if built.__class__ is not Prepared and account is None:
                         built = self._build_for_unknown_account(record, built, max_bytes)
                 except Exception as exc:  # noqa: BLE001 - no content may stop a segment
+                    raw = entry.raw(f)
                     built = events.Rejected(
-                        "r" + hashlib.sha256(entry.raw(f)).hexdigest()[:64], "InvalidData",
+                        "r" + hashlib.sha256(raw).hexdigest()[:64], "InvalidData",
                         f"sink: record cannot be checked ({type(exc).__name__})",
                         record.get("eventData"))
                 tag, when = record.get("tag"), record.get("time")
@@ -161,7 +163,9 @@ class SegmentReading:
                     ready.append(Item(seg, built, tag, when))
                 else:
                     tracker.add(seg)
-                    refused.append(Refused(built, entry.offset, entry.raw(f), tag, when))
+                    if raw is None:
+                        raw = entry.raw(f)
+                    refused.append(Refused(built, entry.offset, raw, tag, when))
                     if len(refused) >= REJECTED_FLUSH:
                         self._reject(seg, refused)
                         refused.clear()
