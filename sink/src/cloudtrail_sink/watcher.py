@@ -254,7 +254,6 @@ class Watcher:
         self.poll_seconds = poll_seconds
         self.interval = poll_seconds if poll else rescan_seconds
         self._stop = threading.Event()
-        self._rescan_now = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer = None
 
@@ -296,15 +295,8 @@ class Watcher:
         observer.start()
         self._observer = observer
 
-    def rescan_soon(self) -> None:
-        self._rescan_now.set()
-
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._rescan_now.wait(self.interval)
-            if self._stop.is_set():
-                break
-            self._rescan_now.clear()
+        while not self._stop.wait(self.interval):
             try:
                 self.queue.scan()
             except Exception:  # a failing scan must not end the backstop
@@ -312,7 +304,6 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._rescan_now.set()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(5)
