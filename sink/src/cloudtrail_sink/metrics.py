@@ -12,6 +12,8 @@ request_duration_seconds               histogram  latency of PutAuditEvents call
 batch_events                           histogram  events per request
 segments_deleted_total                 counter    segments fully finalized and deleted
 segments_quarantined_total             counter    segments with undecodable bytes
+segment_errors_total{stage}            counter    segments whose read or deletion failed
+                                                  (retried)
 ignored_files_total                    counter    names in ready/ never opened (not *.seg,
                                                   symlinks, FIFOs, folders)
 backlog_segments                       gauge      segments waiting or in progress
@@ -65,6 +67,9 @@ class Metrics:
                                registry=r)
         self.quarantined = Counter(PREFIX + "segments_quarantined",
                                    "Segments with undecodable bytes", registry=r)
+        self.segment_errors = Counter(PREFIX + "segment_errors",
+                                      "Segments whose read or deletion failed (retried)",
+                                      ["stage"], registry=r)
         self.ignored = Counter(PREFIX + "ignored_files", "Names in ready/ never opened",
                                registry=r)
         self.backlog_segments = Gauge(PREFIX + "backlog_segments",

@@ -73,10 +73,6 @@ class Runner:
         # A dry run creates nothing, not even the spool's folders.
         self.layout = (spool.layout if cfg.dry_run else spool.ensure_layout)(cfg.spool_dir)
         self.metrics = Metrics()
-        from prometheus_client import Counter
-        self.segment_errors = Counter(
-            "cloudtrail_sink_segment_errors", "Segments whose read or deletion failed (retried)",
-            ["stage"], registry=self.metrics.registry)
         # What Fluent Bit's filter says about its rules, read from the spool at each scrape.
         self.metrics.registry.register(MappingsStatus(
             os.path.join(self.layout.root, STATUS_FILE), clock=clock))
@@ -90,7 +86,7 @@ class Runner:
         self.segments = SegmentTracker(
             self.queue, self.journal,
             delete=not cfg.dry_run, on_deleted=self._on_deleted,
-            on_error=lambda stage: self.segment_errors.labels(stage).inc(), clock=monotonic,
+            on_error=lambda stage: self.metrics.segment_errors.labels(stage).inc(), clock=monotonic,
             before_delete=lambda seg: self.metrics.observe_spool_wait(seg.path, self.clock()))
         # Throttle-aware pacing (pacing.py): the Batcher asks it before handing out a batch,
         # every answer (settle.py) and every throttled attempt botocore retries feed it.
