@@ -180,14 +180,13 @@ class Settler:
         else:
             length = self.pause.fail(f"{exc.code}: {exc.message}")
             if length is None:  # a pause is already running: wait for it with the others
-                settled.update(every_copy(batch))
-                self.batcher.retry(batch, self.pause.remaining())
-                return
-            log.error("DELIVERY PAUSED: the service refused the channel or the credentials; "
-                      "nothing is deleted, retrying later", extra={
-                          "code": exc.code, "status": exc.status, "error": exc.message,
-                          "channel": self.channel_arn, "pause_seconds": round(length, 1),
-                          "consecutive_failures": self.pause.failures})
+                length = self.pause.remaining()
+            else:
+                log.error("DELIVERY PAUSED: the service refused the channel or the credentials; "
+                          "nothing is deleted, retrying later", extra={
+                              "code": exc.code, "status": exc.status, "error": exc.message,
+                              "channel": self.channel_arn, "pause_seconds": round(length, 1),
+                              "consecutive_failures": self.pause.failures})
             settled.update(every_copy(batch))
             self.batcher.retry(batch, length)
 
