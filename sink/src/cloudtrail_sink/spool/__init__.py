@@ -19,6 +19,8 @@ This module is the Python side of ``docs/spool.md`` and follows it exactly:
   not call a regular file (:class:`NotRegularFile`), so a spool writer cannot make the sink read a
   file it links to; ``delivery/reader.py`` reads a segment's records from it, with bounded
   memory, never raising on its bytes.
+- :func:`write_new` writes a whole file under ``tmp/`` (exclusive create, fsync) before its
+  rename: dead letters, quarantine reasons, rewritten ``failed/`` and ``rejected/`` files.
 - ``Layout.acks`` is the sink's own ``acks/`` folder (:func:`ensure_acks`), see ``docs/spool.md``.
 
 The rest of the spool's code is in this package: ``lock.py`` (``sink.lock``),
@@ -127,6 +129,21 @@ def publish(lay: Layout, tmp_path: str, writer: str, seq: int, clock: Callable[[
     dest = os.path.join(folder or lay.ready, ready_name(sealed_us, writer, seq, suffix))
     os.rename(tmp_path, dest)
     return dest
+
+
+def write_new(path: str, data: bytes, fsync: bool = True) -> None:
+    """Create ``path`` (never an existing file or a symlink) holding ``data``, flushed and, with
+    ``fsync``, on disk; the caller renames it into place. A failed write (full disk) leaves no
+    partial file: every retry would leak one more, holding the very space the retry needs."""
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(path)
+        raise
 
 
 def fsync_dir(path: str) -> None:

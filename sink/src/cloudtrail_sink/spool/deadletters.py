@@ -71,17 +71,7 @@ class DeadLetters:
 
     def _write_tmp(self, seq: int, data: bytes, suffix: str = ".dlq") -> str:
         path = os.path.join(self.layout.tmp, f"{self.writer}-{seq:010d}{suffix}")
-        try:
-            with open(path, "xb") as f:
-                f.write(data)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-        except BaseException:
-            # A failed attempt (full disk) must not leave its partial file: every retry would
-            # leak one more, holding the very space the retry needs.
-            _unlink_quietly(path)
-            raise
+        spool.write_new(path, data, self.fsync)
         return path
 
     def write(self, lines: list[dict], intent: Callable[[str], None] | None = None) -> str:

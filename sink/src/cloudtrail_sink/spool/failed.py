@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from . import Layout, regular_files
+from . import Layout, regular_files, write_new
 
 
 def failed_files(lay: Layout) -> list[str]:
@@ -39,8 +39,5 @@ def keep_only(lay: Layout, path: str, keep: list[str], writer: str) -> None:
         os.unlink(path)
         return
     tmp = os.path.join(lay.tmp, f"{writer}-rewrite-{os.path.basename(path)}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in keep))
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(tmp, "".join(line + "\n" for line in keep).encode("utf-8"))
     os.rename(tmp, path)

@@ -12,7 +12,7 @@ import os
 
 import msgpack
 
-from . import Layout, open_segment, regular_files
+from . import Layout, open_segment, regular_files, write_new
 
 
 class Unreadable(Exception):
@@ -54,11 +54,7 @@ def rewrite(lay: Layout, name: str, entries: list[dict]) -> None:
     """Replace rejected/<name> by a file holding only ``entries`` (tmp, fsync, rename)."""
     tmp = os.path.join(lay.tmp, f"rejected-rewrite-{os.getpid()}-{name}.tmp")
     packer = msgpack.Packer(use_bin_type=True)
-    with open(tmp, "xb") as f:
-        for entry in entries:
-            f.write(packer.pack(entry))
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(tmp, b"".join(packer.pack(entry) for entry in entries))
     os.replace(tmp, os.path.join(lay.rejected, name))
 
 
