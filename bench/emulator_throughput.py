@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,10 @@ import time
 import urllib.parse
 import urllib.request
 
-ACCOUNT = "123456789012"
-CHANNEL_ARN = f"arn:aws:cloudtrail:us-east-1:{ACCOUNT}:channel/0b9a1c0e-5d33-4a5f-9f55-3c7a1a2b3c4d"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sink_common import ACCOUNT, CHANNEL_ARN, free_port  # noqa: E402
+
 KEY, SECRET = "AKIDBENCH", "bench-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def event_text(uid: str, size: int) -> str:
