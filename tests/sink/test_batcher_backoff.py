@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 from hypothesis import given, settings, strategies as st
 
@@ -120,6 +121,48 @@ def test_every_partial_batch_waits_within_the_jittered_linger_and_retries_stay_d
     b.retry([item("r")], 1.0)
     clock.t += 1.0
     assert [it.p.id for it in b.take(timeout=0)] == ["evt-r"]
+
+
+class ClockedCondition(threading.Condition):
+    """A Condition whose ``wait`` lets the fake clock run for the timeout instead of sleeping, so
+    a blocking ``take`` shows when it would have woken up."""
+
+    def __init__(self, clock: FakeClock):
+        super().__init__()
+        self.clock = clock
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        assert timeout is not None, "a taker with a batch pending must not sleep for ever"
+        self.waits.append(timeout)
+        self.clock.t += timeout
+        return False
+
+
+def test_a_waiting_taker_wakes_when_the_drawn_linger_ends():
+    # A blocked take sleeps until this batch's drawn linger is over, not the nominal one: a
+    # shorter draw must not leave a due batch waiting, a longer one must not wake it early.
+    clock = FakeClock()
+    b = Batcher(linger=0.2, clock=clock, linger_jitter=0.5, rand=SeqRandom([0.0, 1.0, 0.5]))
+    b._cond = ClockedCondition(clock)
+    for i, drawn in enumerate((0.1, 0.3)):
+        start = clock.t
+        b.add(item(i))
+        assert [it.p.id for it in b.take(timeout=5.0)] == [f"evt-{i}"]
+        assert abs(clock.t - start - drawn) < 1e-9
+    assert len(b._cond.waits) == 2  # one wait per batch: it never polls
+
+
+def test_retries_left_over_from_a_full_batch_do_not_wait_for_the_next_draw():
+    # Three retries due at once, two events a batch: the third is due as well, whatever linger
+    # the batch formed before it drew (here 0.3 s, after a 0.1 s draw).
+    clock = FakeClock()
+    b = Batcher(max_events=2, linger=0.2, clock=clock, linger_jitter=0.5,
+                rand=SeqRandom([0.0, 1.0, 0.5]))
+    b.retry([item(1), item(2), item(3)], 1.0)
+    clock.t += 1.0
+    assert len(b.take(timeout=0)) == 2
+    assert len(b.take(timeout=0)) == 1
 
 
 def test_retries_wait_their_delay_then_go_first():

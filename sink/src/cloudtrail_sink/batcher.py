@@ -69,6 +69,7 @@ class Batcher:
         self.clock = clock
         self.pacer = pacer
         self._linger = self._draw_linger()  # this batch's linger
+        self._longest_linger = linger * (1.0 + linger_jitter)
         self._pending: collections.deque[Item] = collections.deque()
         self._pending_bytes = 0
         self._retry: list[tuple[float, int, Item]] = []
@@ -150,7 +151,9 @@ class Batcher:
                 now = self.clock()
                 while self._retry and self._retry[0][0] <= now:
                     item = heapq.heappop(self._retry)[2]
-                    item.since = now - self._linger  # a retry is due now, not after a new linger
+                    # Due now, whatever linger a batch formed before it goes draws (a retry
+                    # left over from a full batch must not wait for the next draw).
+                    item.since = now - self._longest_linger
                     self._pending.appendleft(item)
                     self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
                 held = None  # when the pacer lets the due batch go

@@ -22,7 +22,8 @@ The gate (:meth:`Pacer.wait`), for the call about to be formed at time ``now``:
 - with a **ceiling** ``max_calls_per_second = M > 0``, every call (full or not) waits until
   ``last_call + 1/M``: at most ``M`` calls per second, always.
 
-So pacing adds at most ``max_delay`` seconds to an event (plus ``1/M`` with a ceiling), and a
+So pacing adds at most ``max_delay`` seconds to an event (plus ``1/M`` with a ceiling, and
+``linger * LINGER_JITTER`` from the linger drawn per batch, below), and a
 batch that is full is never held for the interval: under load the sink sends full calls at once.
 
 **Retries after a throttle** (``delivery/settle.py``): the events of a throttled answer go back
@@ -72,11 +73,12 @@ quota and learn of it late or never (the seeded simulation of the benchmark's ca
 three quarters of the throttles after the start-up hit sinks throttled before). A linger drawn
 again for every batch, ``linger * U(1 - LINGER_JITTER, 1 + LINGER_JITTER)``, moves each sink's
 calls within the second, so the throttles fall on the sinks in proportion to how often they
-call: in the same simulation the throttles after the first 5 s fell by 45 % (73 % of those
-after 15 s), the mean throttled share from 7.9 % to 6.9 % and the worst seed's from 11.4 % to
-8.0 %. A lone sink's events wait at most ``linger * LINGER_JITTER`` longer, and a little longer
-on average (a longer draw holds more events): p50 139 ms and p99 300 ms against 107 and 207 ms
-in the latency benchmark, far within its 1.5 s. With pacing off the linger is exact.
+call: in the same simulation (seeds 0-99) the throttles after the first 5 s fell by 41 % (75 %
+of those after 15 s), the mean throttled share from 7.9 % to 7.1 % and the worst seed's from
+12.6 % to 8.9 %. A lone sink's events wait at most ``linger * LINGER_JITTER`` longer, and a
+little longer on average (a longer draw holds more events): p50 139 ms and p99 300 ms against
+107 and 207 ms in the latency benchmark, far within its 1.5 s. With pacing off the linger is
+exact.
 
 What it cannot avoid: a sink learns of the quota only from its own throttled calls, so when
 ``n`` unpaced sinks start at once against ``Q`` calls/s, about ``n - Q`` of them are throttled in
