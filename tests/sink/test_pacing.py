@@ -424,12 +424,26 @@ def test_the_sink_draws_each_linger_while_pacing_and_keeps_it_exact_without(tmp_
 
     from sinksupport import drain_config
 
-    paced = Runner(drain_config(tmp_path / "paced"), sender=object())
-    plain = Runner(drain_config(tmp_path / "plain", max_pacing_delay_ms=0), sender=object())
-    assert paced.batcher.linger_jitter == pacing.LINGER_JITTER > 0
-    assert plain.batcher.linger_jitter == 0.0
+    def batcher(name, **kw):
+        return Runner(drain_config(tmp_path / name, **kw), sender=object()).batcher
+
+    paced = batcher("paced", linger_ms=200)
+    assert paced.linger_jitter == pacing.LINGER_JITTER > 0  # 100-300 ms
+    # A long linger keeps its meaning: 5 s moves by 100 ms at most.
+    assert batcher("long", linger_ms=5000).linger_jitter * 5.0 == pytest.approx(
+        pacing.LINGER_JITTER_MAX)
+    assert batcher("plain", linger_ms=200, max_pacing_delay_ms=0).linger_jitter == 0.0
     # One Random for the sink: the Batcher draws from the one passed in (tests inject it).
-    assert paced.batcher.rand is paced.rand
+    runner = Runner(drain_config(tmp_path / "r"), sender=object())
+    assert runner.batcher.rand is runner.rand
+
+
+@given(linger=st.floats(0.0, 3600.0), max_delay=st.floats(0.0, 3600.0))
+def test_a_drawn_linger_moves_a_batch_by_half_the_linger_and_100_ms_at_most(linger, max_delay):
+    j = pacing.linger_jitter(linger, max_delay)
+    assert 0.0 <= j <= pacing.LINGER_JITTER
+    assert linger * j <= pacing.LINGER_JITTER_MAX * (1 + 1e-9)
+    assert (j == 0.0) == (linger == 0.0 or max_delay == 0.0)
 
 
 def paced_settling(clock: FakeClock):

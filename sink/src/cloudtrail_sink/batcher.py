@@ -11,7 +11,7 @@ Contract of :meth:`Batcher.take` (called by each sender worker, blocks until it 
   ``flush()`` was requested (drain, shutdown). Events whose retry time came are taken first.
 - The linger is ``linger * (1 + linger_jitter * v)`` seconds, ``v`` uniform in ``[-1, 1]``, drawn
   again after each batch formed (``linger_jitter`` 0: exactly ``linger``). The sink draws it
-  with pacing on (``pacing.LINGER_JITTER``) so that the calls of a sink fed one segment a second
+  with pacing on (``pacing.linger_jitter``) so that the calls of a sink fed one segment a second
   do not keep the same phase: see "Why the linger is jittered" in ``pacing.py``.
 - Re-formed batches (``requeue_batch``, used after a split) are handed out before anything else.
 - With a ``pacer`` (:class:`~cloudtrail_sink.pacing.Pacer`), a batch that is due is handed out

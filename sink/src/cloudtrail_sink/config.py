@@ -62,7 +62,8 @@ class SinkConfig:
                              type=int)
     linger_ms: int = opt(200, "--linger-ms", ("CLOUDTRAIL_SINK_LINGER_MS",),
                          "send a batch that is not full after this many milliseconds, on "
-                         "average (with pacing on, each batch draws 0.5x-1.5x of it)", type=int)
+                         "average (with pacing on, each batch draws 0.5x-1.5x of it, at most 100 ms "
+                         "either way)", type=int)
     max_pacing_delay_ms: int = opt(10_000, "--max-pacing-delay-ms",
                                    ("CLOUDTRAIL_SINK_MAX_PACING_DELAY_MS",),
                                    "most a batch that is not full waits for pacing while the "

@@ -22,9 +22,8 @@ The gate (:meth:`Pacer.wait`), for the call about to be formed at time ``now``:
 - with a **ceiling** ``max_calls_per_second = M > 0``, every call (full or not) waits until
   ``last_call + 1/M``: at most ``M`` calls per second, always.
 
-So pacing adds at most ``max_delay`` seconds to an event (plus ``1/M`` with a ceiling, and
-``linger * LINGER_JITTER`` from the linger drawn per batch, below), and a
-batch that is full is never held for the interval: under load the sink sends full calls at once.
+So pacing adds at most ``max_delay`` seconds to an event (plus ``1/M`` with a ceiling, and at
+most ``LINGER_JITTER_MAX`` from the linger drawn per batch, below), and a batch that is full is never held for the interval: under load the sink sends full calls at once.
 
 **Retries after a throttle** (``delivery/settle.py``): the events of a throttled answer go back
 to the Batcher due no earlier than ``wait(now, full=False)`` at the answer (the gate above,
@@ -71,11 +70,12 @@ refuses the calls that arrive out of step, which are
 the paced sinks' (their waits are drawn), again and again, while the unpaced sinks keep the
 quota and learn of it late or never (the seeded simulation of the benchmark's case, 100 seeds:
 three quarters of the throttles after the start-up hit sinks throttled before). A linger drawn
-again for every batch, ``linger * U(1 - LINGER_JITTER, 1 + LINGER_JITTER)``, moves each sink's
-calls within the second, so the throttles fall on the sinks in proportion to how often they
+again for every batch, ``linger * U(1 - J, 1 + J)`` with ``J = linger_jitter(linger,
+max_delay)`` (``LINGER_JITTER``, but a batch moves by ``LINGER_JITTER_MAX`` at most, so that a
+long linger a user set keeps its meaning), moves each sink's calls within the second, so the throttles fall on the sinks in proportion to how often they
 call: in the same simulation (seeds 0-99) the throttles after the first 5 s fell by 41 % (75 %
 of those after 15 s), the mean throttled share from 7.9 % to 7.1 % and the worst seed's from
-12.6 % to 8.9 %. A lone sink's events wait at most ``linger * LINGER_JITTER`` longer, and a
+12.6 % to 8.9 %. A lone sink's events wait at most ``LINGER_JITTER_MAX`` longer, and a
 little longer on average (a longer draw holds more events): p50 139 ms and p99 300 ms against
 107 and 207 ms in the latency benchmark, far within its 1.5 s. With pacing off the linger is
 exact.
@@ -100,7 +100,8 @@ import time
 from typing import Callable
 
 JITTER = 0.5  # each not-full call waits I * U(1 - JITTER, 1 + JITTER), within the maximum
-LINGER_JITTER = 0.5  # with pacing on, each batch lingers linger * U(1 - LJ, 1 + LJ) (batcher.py)
+LINGER_JITTER = 0.5  # with pacing on, each batch lingers linger * U(1 - LJ, 1 + LJ) (batcher.py)...
+LINGER_JITTER_MAX = 0.1  # ...but moves by at most this many seconds either way
 MIN_START = 8.0  # seconds: the interval set by the first throttle of an unpaced sink, at least
 INCREASE = 3.0  # the factor of a counted throttle
 HOLD = 1.0  # seconds after an increase in which further throttles are not counted
@@ -116,6 +117,15 @@ GAP_WEIGHT = 0.3  # weight of the newest inter-call gap in the moving average
 THROTTLING_CODES = frozenset({"ThrottlingException", "Throttling", "TooManyRequestsException",
                               "RequestLimitExceeded", "SlowDown"})
 EVENT_THROTTLING = "Throttling"
+
+
+def linger_jitter(linger: float, max_delay: float) -> float:
+    """The Batcher's ``linger_jitter`` (a fraction of ``linger``) for a sink lingering ``linger``
+    seconds with a pacing maximum of ``max_delay``: ``LINGER_JITTER``, or less when that would
+    move a batch by more than ``LINGER_JITTER_MAX`` seconds; 0 (an exact linger) with pacing off."""
+    if max_delay <= 0.0 or linger <= 0.0:
+        return 0.0
+    return min(LINGER_JITTER, LINGER_JITTER_MAX / linger)
 
 
 def recovery_seconds(max_delay: float) -> float:

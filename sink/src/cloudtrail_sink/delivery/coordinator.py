@@ -93,9 +93,10 @@ class Runner:
         self.pacer = pacing.Pacer(cfg.max_pacing_delay_ms / 1000.0, cfg.max_calls_per_second,
                                   clock=monotonic, rand=self.rand)
         self.metrics.bind_pacing(self.pacer)
-        self.batcher = Batcher(cfg.max_batch_events, cfg.max_request_bytes, cfg.linger_ms / 1000.0,
+        linger = cfg.linger_ms / 1000.0
+        self.batcher = Batcher(cfg.max_batch_events, cfg.max_request_bytes, linger,
                                clock=monotonic, pacer=self.pacer, rand=self.rand,
-                               linger_jitter=pacing.LINGER_JITTER if self.pacer.max_delay else 0.0)
+                               linger_jitter=pacing.linger_jitter(linger, self.pacer.max_delay))
         self.dead = (DryRunDeadLetters() if cfg.dry_run
                      else DeadLetters(self.layout, clock=clock, rand=self.rand))
         self.jitter = FullJitter(base=0.1, cap=cfg.max_backoff_seconds, rand=self.rand)
