@@ -24,8 +24,11 @@ same machine state. When that checkout has a ``mappings/`` folder next to its ``
 its filter runs with its own rules (compiled here) on the same records, so a change of the
 shipped rules is measured too.
 
+``--dropped-only`` feeds only the examples a ``drop:`` rule takes (Kubernetes audit stages before
+the final one), to time the drop path alone.
+
 Usage: python bench/lua_throughput.py [--records 200000] [--pool 2000] [--rounds 5]
-                                      [--compare-with OTHER/fluent-bit]
+                                      [--compare-with OTHER/fluent-bit] [--dropped-only]
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ def main() -> int:
                         help="rounds (one luajit process each, best shown)")
     parser.add_argument("--compare-with", type=pathlib.Path, default=None, metavar="DIR",
                         help="fluent-bit/ folder of another checkout, timed in the same rounds")
+    parser.add_argument("--dropped-only", action="store_true",
+                        help="only the examples a drop: rule takes (times the drop path)")
     args = parser.parse_args()
     if args.compare_with is not None and not (args.compare_with / "cloudtrail.lua").is_file():
         print(f"--compare-with {args.compare_with}: no cloudtrail.lua there", file=sys.stderr)
@@ -163,10 +168,12 @@ def main() -> int:
             other_mappings.write_text(compile_files(
                 [args.compare_with.parent / "mappings"],
                 defaults={"recipientAccountId": "123456789012"}).lua_text())
+        examples = [ex for ex in compiled.examples
+                    if not args.dropped_only or ex.expect_dropped is not None]
         samples = work / "samples.lua"
         samples.write_text("return {\n" + ",\n".join(
             f"{{ {lua_literal(ex.tag)}, {float(ex.time)!r}, function(A, M) return "
-            f"{lua_literal(ex.record)} end }}" for ex in compiled.examples) + "\n}\n")
+            f"{lua_literal(ex.record)} end }}" for ex in examples) + "\n}\n")
         driver = work / "driver.lua"
         driver.write_text(DRIVER)
         spool = work / "spool"
@@ -208,7 +215,7 @@ def main() -> int:
         n = args.records
         print(f"luajit: {subprocess.run([luajit, '-v'], capture_output=True, text=True).stdout.strip()}")
         print(f"records per loop: {n}, distinct records: {args.pool} from "
-              f"{len(compiled.examples)} mapping examples, rounds: {args.rounds} (best shown; "
+              f"{len(examples)} mapping examples, rounds: {args.rounds} (best shown; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
         cpu_identity = max(cpu_identity, 1e-9)
         print(f"identity filter      : {n / cpu_identity:12,.0f} records/s  "

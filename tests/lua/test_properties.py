@@ -172,14 +172,27 @@ def drop_counter_name(name: bytes) -> str:
         return re.sub(rb"[\x80-\xff]", b"?", name).decode("ascii")
 
 
-def drop_rule_file(path: pathlib.Path, name: bytes) -> None:
+def lua_bytes(value: bytes) -> str:
+    """A Lua string literal holding exactly `value`."""
+    return '"' + "".join("\\%03d" % b for b in value) + '"'
+
+
+def drop_rule_file(path: pathlib.Path, name: bytes, file: bytes | None = None,
+                   why: bytes = b"not the final stage") -> None:
     """A mappings file as one written by hand may be (the compiler only writes names of
-    [A-Za-z0-9_.-]): one drop: rule whose name is `name`, any bytes."""
+    [A-Za-z0-9_.-]): one drop: rule (on line 2) whose name, source file (the real one when
+    None) and drop text are any bytes."""
     src = path.with_suffix(".yaml")
     src.write_text("rules:\n  - name: PLACEHOLDER\n    match: {tag: 'kube.*'}\n"
-                   "    drop: not the final stage\n")
-    literal = '"' + "".join("\\%03d" % b for b in name) + '"'
-    path.write_text(compile_files([src]).lua_text().replace('"PLACEHOLDER"', literal, 1))
+                   "    drop: PLACEHOLDER-WHY\n")
+    text = compile_files([src]).lua_text()
+    text = text.replace('"PLACEHOLDER"', lua_bytes(name), 1)
+    text = text.replace('"PLACEHOLDER-WHY"', lua_bytes(why), 1)
+    if file is not None:
+        source = f'["file"] = "{src}"'
+        assert source in text
+        text = text.replace(source, '["file"] = ' + lua_bytes(file), 1)
+    path.write_text(text)
 
 
 @SETTINGS
@@ -216,3 +229,63 @@ def test_drop_counts_name_each_rule_by_its_cleaned_name_across_a_reload(first, s
         expected[drop_counter_name(second)] += 2
         assert dropped() == dict(expected)
         assert not (spool / "rejected").exists() or list((spool / "rejected").iterdir()) == []
+
+
+# What the Fluent Bit log gets: the entry's io.stderr:write calls, kept in the Lua state.
+CAPTURE_LOG = b"""
+CAPTURED_LOG = {}
+io.stderr = { write = function(_, ...) CAPTURED_LOG[#CAPTURED_LOG + 1] = table.concat({...}) end }
+"""
+
+drop_rule_parts = st.one_of(st.binary(max_size=10), invalid_utf8,
+                            st.text(max_size=6).map(lambda t: t.encode()))
+
+
+@SETTINGS
+@given(first=st.tuples(drop_rule_parts, drop_rule_parts, drop_rule_parts),
+       second=st.tuples(drop_rule_parts, drop_rule_parts, drop_rule_parts))
+@example(first=(b"bad\xffname", b"f.yaml", "caf\u00e9".encode()),
+         second=(b"bad\xffname", b"f.yaml", b"other \x01text"))
+@example(first=(b"ok", "\u00e9.yaml".encode(), b"\xc3\x28"),
+         second=(b"ok", b"\xff", "d\u00e9j\u00e0".encode()))
+def test_a_dropped_record_logs_the_reason_the_per_record_construction_gave(first, second):
+    """The drop reason is built and cleaned once per rule set (at start and at every reload),
+    not per record: the log must show, byte for byte, safe_text of the whole
+    "dropped by rule 'NAME' (FILE:LINE): WHY" the mapper used to build for every record, and
+    after a reload the new rule's text, even when only the drop text changed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = pathlib.Path(tmp) / "spool"
+        rules = pathlib.Path(tmp) / "rules.lua"
+        drop_rule_file(rules, *first)
+        f = LuaFilter(spool, {"CLOUDTRAIL_SPOOL_DIR": str(spool),
+                              "CLOUDTRAIL_MAPPINGS": str(rules)}, real_mapper=True)
+        f.harness.lua.execute(CAPTURE_LOG)
+        filter_mod = f.harness.require("cloudtrail.filter")
+        mapper_mod = f.harness.require("cloudtrail.mapper")
+        record = {"stage": "RequestReceived"}
+
+        def per_record_reason(name: bytes, file: bytes, why: bytes) -> bytes:
+            return b"dropped by rule '" + name + b"' (" + file + b":2): " + why
+
+        def mapper_reason() -> bytes:
+            m = mapper_mod[b"new"](filter_mod[b"load_mappings"](str(rules).encode()))
+            return m[b"map"](m, b"kube.audit", START, to_lua(f.harness.lua, record))[1]
+
+        expected = []
+        for n, parts in enumerate((first, second)):
+            if n:
+                drop_rule_file(rules, *parts)
+                f.now = START + 61  # past the log's once-a-minute limit for a repeated line
+                f.tick()  # a changed file is reloaded: the rules are rebuilt
+            raw = per_record_reason(*parts)
+            assert mapper_reason() == raw  # what `mappings test` prints is unchanged
+            expected.append(b"[cloudtrail.lua] " + filter_mod[b"safe_text"](raw) + b"\n")
+            assert f.call("kube.audit", START, record)[0] == -1
+        logged = f.harness.globals()[b"CAPTURED_LOG"]
+        lines = [logged[i] for i in range(1, len(logged) + 1)]
+        dropped = [line for line in lines if line.startswith(b"[cloudtrail.lua] dropped")]
+        assert dropped == expected
+        f.now = START + 200
+        f.tick()  # past the status file's 10 s limit for a new drop count
+        status = json.loads((spool / "mappings-status.json").read_text("utf-8"))
+        assert status["state"] == "ok" and sum(status["dropped"].values()) == 2

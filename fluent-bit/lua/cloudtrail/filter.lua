@@ -61,17 +61,20 @@ local function safe_text(s)
   return (s:gsub("[\128-\255]", "?"))
 end
 
--- Rule names as the drop counters show them, cleaned once per set of rules instead of once per
--- dropped record. The compiler only writes names of [A-Za-z0-9_.-]; a mappings file written by
--- hand can hold any bytes. Keyed by the name the mapper returns (rule.name = the data's name).
-local function safe_rule_names(rules)
-  local names = {}
-  if type(rules) ~= "table" then return names end
-  for _, r in ipairs(rules) do
-    local name = type(r) == "table" and r.name
-    if type(name) == "string" then names[name] = safe_text(name) end
+-- What a dropped record shows, cleaned once per set of rules instead of once per dropped record:
+-- rule names (the drop counters) and drop reasons (the log). The compiler only writes names of
+-- [A-Za-z0-9_.-]; a mappings file written by hand can hold any bytes, in names, files and drop
+-- texts. Keyed by the exact string the mapper returns (safe_text of the WHOLE string: a piece
+-- cleaned alone could differ), from `list` itself or, with `field`, from its items' field.
+local function safe_texts(list, field)
+  local out = {}
+  if type(list) ~= "table" then return out end
+  for _, item in ipairs(list) do
+    local s = item
+    if field then s = type(item) == "table" and item[field] end
+    if type(s) == "string" then out[s] = safe_text(s) end
   end
-  return names
+  return out
 end
 
 local M = {}
@@ -229,7 +232,8 @@ function M.new(cfg, deps)
 end
 
 -- A mapper built from text (the compiled file's bytes), or nil, err; never raises. With the
--- mapper: nil, the number of rules and their names as the drop counts show them.
+-- mapper: nil, the number of rules, their names as the drop counts show them and the mapper's
+-- drop reasons as the log shows them (both by the string the mapper returns).
 function Filter:build_mapper(text)
   local mappings, err = M.parse_mappings(text, self.cfg.mappings)
   if not mappings then return nil, err end
@@ -246,22 +250,25 @@ function Filter:build_mapper(text)
       .. tostring(ok and new_err or m)
   end
   local rules = type(mappings.rules) == "table" and #mappings.rules or 0
-  return m, nil, rules, safe_rule_names(mappings.rules)
+  -- A mapper without drop_reasons (a stand-in) gets its reasons cleaned per record.
+  local reasons = type(m) == "table" and rawget(m, "drop_reasons") or nil
+  return m, nil, rules, safe_texts(mappings.rules, "name"), safe_texts(reasons)
 end
 
 -- Installs the rules of `text` (the file as read), or records why it cannot. With rules already
 -- running, a bad file changes nothing but the status: the last good rules stay.
 function Filter:load_mapper(text, read_err)
-  local m, err, rules, drop_names
+  local m, err, rules, drop_names, drop_reasons
   if text == nil then
     err = "cannot load mappings: " .. tostring(read_err)
   else
-    m, err, rules, drop_names = self:build_mapper(text)
+    m, err, rules, drop_names, drop_reasons = self:build_mapper(text)
   end
   local now = self.clock.now()
   if m then
     local reloaded = self.mapper ~= nil or self.mapper_error ~= nil
-    self.mapper, self.mapper_error, self.drop_names = m, nil, drop_names
+    self.mapper, self.mapper_error = m, nil
+    self.drop_names, self.drop_reasons = drop_names, drop_reasons
     self.loaded_at, self.rules, self.status_error = now, rules, nil
     if reloaded then
       self.log("mappings reloaded from " .. self.cfg.mappings .. " (" .. rules .. " rules)")
@@ -375,7 +382,10 @@ function Filter:map(tag, timestamp, record)
   local ok, event, reason, rule, dropped = pcall(m.map, m, tag, timestamp, record)
   if not ok then return nil, "mapping failed: " .. safe_text(event) end
   if event == nil then
-    return nil, safe_text(reason or "no rule matched"), dropped == true, rule
+    dropped = dropped == true
+    -- A drop reason was cleaned when the rules were built (the same string every time).
+    return nil, dropped and self.drop_reasons[reason] or safe_text(reason or "no rule matched"),
+      dropped, rule
   end
   if type(event) ~= "table" then return nil, "mapping returned a " .. type(event) .. ", not a table" end
   if type(event.UID) ~= "string" or event.UID == "" then
@@ -434,5 +444,7 @@ end
 function Filter:seal_all()
   self.spool:seal_all()
 end
+
+M.safe_text = safe_text    -- the cleaning every text the filter writes gets (tests compare with it)
 
 return M

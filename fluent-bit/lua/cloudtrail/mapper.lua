@@ -14,7 +14,10 @@
 --     value, a field is over its limit under oversize: reject, a step failed with
 --     on_failure: reject). rule_name names the rule that applied, when one did. A rule with
 --     `drop` returns nil, "dropped by rule ...: WHY", rule_name, true: the record is meant to
---     make no event (the 4th value tells it from a rejection).
+--     make no event (the 4th value tells it from a rejection). That reason is built once per
+--     rule, when the rule is compiled: the same string every time.
+--   m.drop_reasons: the reasons m:map can give for a dropped record, one per drop rule (so a
+--     caller can prepare what it does with them once per set of rules, not per record).
 --   local lines = m:explain(tag, timestamp, record)
 --     For `mappings test --explain`: one line per rule tried, up to the one that applies, with
 --     the first condition or step that failed and the value it saw.
@@ -662,6 +665,8 @@ local function compile_rule(r, i, defaults, schema)
   end
   if r.drop ~= nil then          -- drop: the records this rule matches make no event
     rule.drop = tostring(r.drop)
+    -- The same for every record the rule drops: built here, not per record.
+    rule.drop_reason = "dropped by " .. label .. ": " .. rule.drop
     return rule
   end
   local ev = r.event
@@ -722,14 +727,16 @@ function M.new(compiled)
   if type(compiled.rules) ~= "table" then return nil, "compiled mappings have no rules" end
   local schema, serr = schema_from(compiled.schema)
   if not schema then return nil, serr end
-  local rules = {}
+  local rules, drop_reasons = {}, {}
   for i, r in ipairs(compiled.rules) do
     local ok, rule, err = pcall(compile_rule, r, i, compiled.defaults, schema)
     if not ok then return nil, "rule " .. i .. ": " .. tostring(rule) end
     if not rule then return nil, err end
     rules[i] = rule
+    drop_reasons[#drop_reasons + 1] = rule.drop_reason
   end
-  return setmetatable({ rules = rules, tag_cache = {}, tag_cache_n = 0 }, M)
+  return setmetatable({ rules = rules, drop_reasons = drop_reasons, tag_cache = {},
+                        tag_cache_n = 0 }, M)
 end
 
 -- Rules whose globs match tag, computed once per distinct tag.
@@ -916,7 +923,7 @@ local function try_rule(rule, tag, ts, rec)
   for i = 1, #post do
     if not post[i](rec, tag, ts, vars) then return false end
   end
-  if rule.drop then return true, nil, rule.drop, true end
+  if rule.drop then return true, nil, rule.drop_reason, true end
   local ev, why = build(rule, tag, ts, rec, vars or NO_VARS)
   return true, ev, why
 end
@@ -931,7 +938,7 @@ local function map_rules(list, tag, ts, record)
     local applied, ev, why, dropped = try_rule(rule, tag, ts, record)
     if applied then
       if ev then return ev, nil, rule.name end
-      if dropped then return nil, "dropped by " .. rule.label .. ": " .. why, rule.name, true end
+      if dropped then return nil, why, rule.name, true end
       return nil, rule.label .. ": " .. tostring(why), rule.name
     end
   end
