@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 from hypothesis import given, settings, strategies as st
 
@@ -151,6 +152,61 @@ def test_a_waiting_taker_wakes_when_the_drawn_linger_ends():
         assert [it.p.id for it in b.take(timeout=5.0)] == [f"evt-{i}"]
         assert abs(clock.t - start - drawn) < 1e-9
     assert len(b._cond.waits) == 2  # one wait per batch: it never polls
+
+
+class CountedCondition(threading.Condition):
+    """A Condition that really blocks (the fake clock stands still, so no linger ever ends) and
+    tells the test each time a taker has gone to sleep in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.asleep = threading.Semaphore(0)
+
+    def wait(self, timeout=None):
+        # Released with the lock still held: once the test holds the lock in turn, this taker
+        # is registered as a waiter, so a notify reaches it.
+        self.asleep.release()
+        return super().wait(timeout)
+
+
+def test_a_burst_wakes_one_sender_per_full_batch():
+    # The sink runs up to --max-in-flight senders blocked in take(). A burst that fills several
+    # batches at once arrives in ONE add_many, which wakes one taker: each taker that gets a
+    # batch must wake the next, so the full batches go out side by side, not one per wake-up.
+    takers, max_events = 3, 10
+    b = Batcher(max_events=max_events, linger=0.2, clock=FakeClock())
+    b._cond = CountedCondition()
+    got: list[list[Item] | None] = [None] * takers
+    errors: list[BaseException] = []
+
+    def taker(n):
+        try:
+            got[n] = b.take()
+        except BaseException as e:  # reported below, by the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=taker, args=(n,), daemon=True) for n in range(takers)]
+    try:
+        for t in threads:
+            t.start()
+        # Every taker asleep before the burst: one arriving later would find a batch by itself
+        # and hide a missing wake-up. (The timeouts here are hang guards, not speed figures.)
+        for _ in range(takers):
+            assert b._cond.asleep.acquire(timeout=5), "a taker never went to sleep"
+        burst = [item(i) for i in range(takers * max_events)]
+        b.add_many(burst)
+        give_up = time.monotonic() + 5  # a taker nobody woke would sleep until close()
+        for t in threads:
+            t.join(timeout=max(0.0, give_up - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), "a full batch waited with a taker idle"
+    finally:
+        b.close()
+        for t in threads:
+            t.join(timeout=10)
+    assert not errors, errors
+    assert [len(batch) for batch in got] == [max_events] * takers
+    assert sorted(id(it) for batch in got for it in batch) == sorted(map(id, burst))
+    assert b.count() == 0
 
 
 def test_retries_left_over_from_a_full_batch_do_not_wait_for_the_next_draw():
