@@ -23,7 +23,8 @@ The gate (:meth:`Pacer.wait`), for the call about to be formed at time ``now``:
   ``last_call + 1/M``: at most ``M`` calls per second, always.
 
 So pacing adds at most ``max_delay`` seconds to an event (plus ``1/M`` with a ceiling, and at
-most ``LINGER_JITTER_MAX`` from the linger drawn per batch, below), and a batch that is full is never held for the interval: under load the sink sends full calls at once.
+most ``LINGER_JITTER_MAX`` from the linger drawn per batch, below), and a batch that is full is
+never held for the interval: under load the sink sends full calls at once.
 
 **Retries after a throttle** (``delivery/settle.py``): the events of a throttled answer go back
 to the Batcher due no earlier than ``wait(now, full=False)`` at the answer (the gate above,
@@ -66,16 +67,16 @@ fairness above needs throttles to fall on the sinks that call most. A sink fed o
 second (the Lua filter's age seal) with a fixed linger calls at the same instant of every
 second; a token bucket quota (the emulator's; AWS documents token buckets for other APIs' rate
 limits, e.g. EC2's, not for this one) then holds a token for that instant every second and
-refuses the calls that arrive out of step, which are
-the paced sinks' (their waits are drawn), again and again, while the unpaced sinks keep the
-quota and learn of it late or never (the seeded simulation of the benchmark's case, 100 seeds:
-three quarters of the throttles after the start-up hit sinks throttled before). A linger drawn
-again for every batch, ``linger * U(1 - J, 1 + J)`` with ``J = linger_jitter(linger,
-max_delay)`` (``LINGER_JITTER``, but a batch moves by ``LINGER_JITTER_MAX`` at most, so that a
-long linger a user set keeps its meaning), moves each sink's calls within the second, so the throttles fall on the sinks in proportion to how often they
-call: in the same simulation (seeds 0-99) the throttles after the first 5 s fell by 41 % (75 %
-of those after 15 s), the mean throttled share from 7.9 % to 7.1 % and the worst seed's from
-12.6 % to 8.9 %. A lone sink's events wait at most ``LINGER_JITTER_MAX`` longer, and a
+refuses the calls that arrive out of step, which are the paced sinks' (their waits are drawn),
+again and again, while the unpaced sinks keep the quota and learn of it late or never (the
+seeded simulation of the benchmark's case, 100 seeds: three quarters of the throttles after the
+start-up hit sinks throttled before). A linger drawn again for every batch, ``linger * U(1 - J,
+1 + J)`` with ``J = linger_jitter(linger, max_delay)`` (``LINGER_JITTER``, but a batch moves by
+``LINGER_JITTER_MAX`` at most, so that a long linger a user set keeps its meaning), moves each
+sink's calls within the second, so the throttles fall on the sinks in proportion to how often
+they call: in the same simulation (seeds 0-99) the throttles after the first 5 s fell by 41 %
+(75 % of those after 15 s), the mean throttled share from 7.9 % to 7.1 % and the worst seed's
+from 12.6 % to 8.9 %. A lone sink's events wait at most ``LINGER_JITTER_MAX`` longer, and a
 little longer on average (a longer draw holds more events): p50 139 ms and p99 300 ms against
 107 and 207 ms in the latency benchmark, far within its 1.5 s. With pacing off the linger is
 exact.
