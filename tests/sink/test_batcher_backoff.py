@@ -234,6 +234,17 @@ def test_retries_wait_their_delay_then_go_first():
     assert [it.p.id for it in b.take(timeout=0)] == ["evt-r"]
 
 
+def test_retries_due_together_go_in_the_order_they_came_due_before_newer_events():
+    clock = FakeClock()
+    b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=clock)
+    b.add(item("new"))
+    b.retry([item("c")], 0.3)
+    b.retry([item("a")], 0.1)
+    b.retry([item("b")], 0.2)
+    clock.t += 0.5
+    assert [it.p.id for it in b.take(timeout=0)] == ["evt-a", "evt-b", "evt-c", "evt-new"]
+
+
 def test_requeued_batches_keep_their_shape():
     b = Batcher(max_events=100, max_bytes=999_000, linger=0.2, clock=FakeClock())
     half = [item(1), item(2)]

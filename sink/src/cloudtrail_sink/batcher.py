@@ -8,7 +8,8 @@ Contract of :meth:`Batcher.take` (called by each sender worker, blocks until it 
   already in the batch rides along as an *alias* (sent once, settled together); an event with the
   same id but different data waits for a later batch.
 - A batch is handed out when full, or when its oldest event waited the linger, or at once when
-  ``flush()`` was requested (drain, shutdown). Events whose retry time came are taken first.
+  ``flush()`` was requested (drain, shutdown). Events whose retry time came are taken first, in
+  the order they came due.
 - The linger is ``linger * (1 + linger_jitter * v)`` seconds, ``v`` uniform in ``[-1, 1]``, drawn
   again after each batch formed (``linger_jitter`` 0: exactly ``linger``). The sink draws it
   with pacing on (``pacing.linger_jitter``) so that the calls of a sink fed one segment a second
@@ -149,13 +150,16 @@ class Batcher:
             give_up = None if timeout is None else self.clock() + timeout
             while not self._closed:
                 now = self.clock()
+                due = []
                 while self._retry and self._retry[0][0] <= now:
                     item = heapq.heappop(self._retry)[2]
                     # Due now, whatever linger a batch formed before it goes draws (a retry
                     # left over from a full batch must not wait for the next draw).
                     item.since = now - self._longest_linger
-                    self._pending.appendleft(item)
                     self._pending_bytes += item.p.size + events.ENTRY_SEPARATOR
+                    due.append(item)
+                if due:
+                    self._pending.extendleft(reversed(due))  # first due, first sent
                 held = None  # when the pacer lets the due batch go
                 if self._batches:
                     wait = self._paced(now, True)
