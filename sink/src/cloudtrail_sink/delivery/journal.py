@@ -435,3 +435,7 @@ class SegmentJournal:
         """One line for the whole ``failed/`` file; ``segments``: every segment with events in
         it (this one included or not)."""
         self.journal.published(failed_file, (self.segment, *segments))
+
+    def forget(self) -> None:
+        """The segment was deleted: the journal drops what it kept for it."""
+        self.journal.forget(self.segment)

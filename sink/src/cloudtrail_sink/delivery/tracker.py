@@ -229,7 +229,7 @@ class SegmentTracker:
                     "retry_in_seconds": RETRY_FAILED_SEGMENT_SECONDS})
                 return
             if seg.journal is not None:
-                seg.journal.journal.forget(seg.name)
+                seg.journal.forget()
             self._read_failures.pop(seg.name, None)
             self.on_deleted(seg)
         self.queue.done(seg.name)

@@ -142,7 +142,7 @@ def write_new(path: str, data: bytes, fsync: bool = True) -> None:
             if fsync:
                 os.fsync(f.fileno())
     except BaseException:
-        _unlink_quietly(path)
+        unlink_quietly(path)
         raise
 
 
@@ -276,7 +276,7 @@ class SpoolWriter:
             finally:
                 f.close()
         except OSError:
-            _unlink_quietly(path)  # a full disk must not leave a partial segment behind
+            unlink_quietly(path)  # a full disk must not leave a partial segment behind
             self.discarded += self._count
             raise
         self.sealed.append(dest)
@@ -299,7 +299,7 @@ class SpoolWriter:
             f.close()
         except OSError:
             pass  # its buffered bytes could not be written either: they go with the file
-        _unlink_quietly(path)
+        unlink_quietly(path)
 
     def close(self) -> None:
         """Seal the open segment; with ``fsync``, also make the renames durable (once)."""
@@ -314,7 +314,7 @@ class SpoolWriter:
         self.close()
 
 
-def _unlink_quietly(path: str | None) -> None:
+def unlink_quietly(path: str | None) -> None:
     try:
         if path:
             os.unlink(path)

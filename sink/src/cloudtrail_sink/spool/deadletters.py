@@ -88,7 +88,7 @@ class DeadLetters:
                 intent(os.path.basename(dest))
             os.rename(tmp, dest)
         except BaseException:
-            _unlink_quietly(tmp)
+            spool.unlink_quietly(tmp)
             raise
         if self.fsync:
             # The rename must be on disk before the segment's deletion can be (power loss).
@@ -121,7 +121,7 @@ class DeadLetters:
                     os.fsync(out.fileno())
             os.rename(tmp, dest)
         except BaseException:
-            _unlink_quietly(tmp)
+            spool.unlink_quietly(tmp)
             raise
         reason = {"segment": segment, "offset": offset, "size": size, "error": error,
                   "quarantinedAt": iso_utc(self.clock()), "recordsBefore": records_before}
@@ -132,15 +132,8 @@ class DeadLetters:
         try:
             os.rename(tmp, dest + ".reason.json")
         except BaseException:
-            _unlink_quietly(tmp)
+            spool.unlink_quietly(tmp)
             raise
         if self.fsync:
             spool.fsync_dir(self.layout.quarantine)
         return dest
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
