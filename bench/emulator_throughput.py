@@ -39,7 +39,7 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sink_common import ACCOUNT, CHANNEL_ARN, free_port  # noqa: E402
+from sink_common import ACCOUNT, CHANNEL_ARN, exit_on_sigterm, free_port  # noqa: E402
 
 KEY, SECRET = "AKIDBENCH", "bench-secret"
 
@@ -211,8 +211,7 @@ def main() -> int:
                     help="also measure with SigV4 signatures verified")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    # SIGTERM as SystemExit: the finally blocks then stop every process started here.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()  # the finally blocks then stop every process started here
 
     results = {"cpus": os.cpu_count(), "clients": args.clients, "seconds": args.seconds,
                "event_bytes": args.event_bytes}

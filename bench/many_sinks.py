@@ -34,7 +34,7 @@ import time
 import urllib.request
 
 # bench/ is on sys.path when this runs as a script.
-from sink_common import ACCOUNT, CHANNEL_ARN, fake_aws_env, free_port
+from sink_common import ACCOUNT, CHANNEL_ARN, exit_on_sigterm, fake_aws_env, free_port
 
 
 def event(uid: str, size: int) -> dict:
@@ -165,8 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--event-bytes", type=int, default=1000)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
-    # SIGTERM as SystemExit: the finally blocks then stop every process started here.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()  # the finally blocks then stop every process started here
 
     tmp = tempfile.mkdtemp(prefix="bench-many-sinks-")
     try:
